@@ -1,0 +1,195 @@
+"""Image-quality metrics in Hounsfield units, each report stating how it was computed.
+
+PSNR depends on its data range and on 3D vs slice-averaged computation (several dB apart), SSIM on its
+``data_range``. So every result carries the HU ``window`` (values are clipped to it), the
+``data_range`` (``window[1] - window[0]`` HU), the ``mode`` (``"3d"`` or ``"per-slice"``) and whether a
+body ``mask`` restricted it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
+
+__all__ = ["METRIC_MODES", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics"]
+
+METRIC_MODES = ("3d", "per-slice")
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+PSNR_CAP_DB = 100.0
+
+
+def ssim_window(spatial_shape: Sequence[int], win_size: int = 11) -> int:
+    """The SSIM window actually used: ``win_size``, shrunk to the smallest side (kept odd, >= 3)."""
+    w = min(win_size, min(spatial_shape))
+    w = w if w % 2 == 1 else w - 1
+    if w < 3:
+        raise ValueError(f"SSIM needs every side >= 3 voxels, got {tuple(spatial_shape)}")
+    return w
+
+
+def ms_ssim_weights(spatial_shape: Sequence[int], win_size: int = 11, max_scales: int = 5) -> tuple[float, ...]:
+    """Scale weights for multi-scale SSIM on an image of this size.
+
+    Rule: use the largest number of scales ``n <= max_scales`` such that MONAI's size check passes
+    (``side // (n-1)^2 > win_size - 1``) and the coarsest scale still holds a full window
+    (``side / 2^(n-1) >= win_size``); keep the first ``n`` of Wang et al.'s five weights and renormalise
+    them to sum to 1. A 64^3 volume gets 3 scales, 176^3 and larger the full 5; with 1 scale MS-SSIM
+    equals SSIM.
+    """
+    side = min(spatial_shape)
+    if side < win_size:
+        raise ValueError(f"MS-SSIM needs every side >= win_size={win_size}, got {tuple(spatial_shape)}")
+    n = 1
+    for cand in range(2, max_scales + 1):
+        div = max(1, cand - 1) ** 2
+        if side // div > win_size - 1 and side / 2 ** (cand - 1) >= win_size:
+            n = cand
+    w = _MS_SSIM_WEIGHTS[:n]
+    total = sum(w)
+    return tuple(x / total for x in w)
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, spatial_dims: int) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.ndim != spatial_dims + 2:
+        raise ValueError(f"expected (B, C, {'x'.join('S' * spatial_dims)}) tensors, got shape {tuple(pred.shape)}")
+
+
+def ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float,
+    spatial_dims: int = 3,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gaussian-window SSIM per batch item (MONAI's formula, valid region only).
+
+    Args:
+        pred, target: (B, C, *spatial).
+        data_range: the value range the images live in (required: it changes the result).
+        spatial_dims: 2 or 3.
+        win_size: Gaussian window side, shrunk for small images (:func:`ssim_window`).
+        sigma: Gaussian standard deviation (voxels).
+        mask: optional (B, 1, *spatial) boolean; the SSIM map is averaged where it is true.
+
+    Returns:
+        (B,) SSIM values.
+    """
+    _check_pair(pred, target, spatial_dims)
+    w = ssim_window(pred.shape[2:], win_size)
+    smap, _ = compute_ssim_and_cs(
+        pred, target, spatial_dims=spatial_dims, kernel_size=[w] * spatial_dims, kernel_sigma=[sigma] * spatial_dims,
+        data_range=data_range,
+    )
+    if mask is None:
+        return smap.flatten(1).mean(1)
+    r = w // 2
+    crop = (slice(None), slice(None)) + tuple(slice(r, s - r) for s in mask.shape[2:])
+    m = mask[crop].to(smap.dtype).expand_as(smap)
+    return (smap * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+
+
+def ms_ssim(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float, spatial_dims: int = 3, win_size: int = 11,
+    max_scales: int = 5,
+) -> torch.Tensor:
+    """Multi-scale SSIM per batch item with the scale rule of :func:`ms_ssim_weights`. Returns (B,)."""
+    _check_pair(pred, target, spatial_dims)
+    weights = ms_ssim_weights(pred.shape[2:], win_size, max_scales)
+    if len(weights) == 1:
+        return ssim(pred, target, data_range, spatial_dims, win_size)
+    return compute_ms_ssim(
+        pred, target, spatial_dims=spatial_dims, data_range=data_range, kernel_size=win_size, weights=weights
+    ).flatten()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR (dB) per batch item, ``10 log10(range^2 / MSE)``, capped at 100 dB for identical images."""
+    diff2 = (pred.float() - target.float()) ** 2
+    if mask is None:
+        mse = diff2.flatten(1).mean(1)
+    else:
+        m = mask.to(diff2.dtype).expand_as(diff2)
+        mse = (diff2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+    val = 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
+    return val.clamp(max=PSNR_CAP_DB)
+
+
+def compute_image_metrics(
+    pred_hu: torch.Tensor,
+    target_hu: torch.Tensor,
+    window: Sequence[float] = (-1000.0, 1000.0),
+    mask: torch.Tensor | None = None,
+    mode: str = "3d",
+    slice_axis: int = -1,
+) -> dict[str, Any]:
+    """PSNR, SSIM and MAE between two CT volumes in HU, on a declared window.
+
+    Both volumes are clipped to ``window``; ``data_range = window[1] - window[0]`` HU.
+
+    Args:
+        pred_hu, target_hu: (S0, S1, S2), (C, S0, S1, S2) or (B, C, S0, S1, S2) in HU.
+        window: (low, high) HU.
+        mask: optional body mask of the same spatial shape (non-zero = inside).
+        mode: ``"3d"`` (one 3D computation per volume) or ``"per-slice"`` (2D metrics averaged over the
+            slices along ``slice_axis``).
+        slice_axis: spatial axis (0-2 or negative) of the slices in per-slice mode.
+
+    Returns:
+        ``{"psnr": dB, "ssim": ..., "mae": HU, "window": [lo, hi], "data_range": HU, "mode": ..., "masked": bool,
+        "n": volumes}``, averaged over the batch.
+    """
+    if mode not in METRIC_MODES:
+        raise ValueError(f"mode must be one of {METRIC_MODES}, got {mode!r}")
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"window must be (low, high) with high > low, got {tuple(window)}")
+
+    def as5d(x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).float()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        while x.ndim < 5:
+            x = x[None]
+        return x
+
+    p, t = as5d(pred_hu), as5d(target_hu)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
+    if not (torch.isfinite(p).all() and torch.isfinite(t).all()):
+        raise ValueError("NaN or Inf in the volumes: metrics would be meaningless; check the model output")
+    m = as5d(mask).bool() if mask is not None else None
+    rng = hi - lo
+    p, t = (p.clamp(lo, hi) - lo) / rng, (t.clamp(lo, hi) - lo) / rng  # [0, 1]: data_range 1 == window in HU
+    if mode == "per-slice":
+        ax = 2 + (slice_axis % 3)
+        p2 = p.movedim(ax, 2).flatten(0, 2).unsqueeze(1)
+        t2 = t.movedim(ax, 2).flatten(0, 2).unsqueeze(1)
+        m2 = m.movedim(ax, 2).flatten(0, 2).unsqueeze(1) if m is not None else None
+        ps, ss = psnr(p2, t2, 1.0, m2), ssim(p2, t2, 1.0, spatial_dims=2, mask=m2)
+        mae = ((p2 - t2).abs() * (m2 if m2 is not None else 1)).flatten(1).sum(1)
+        mae = mae / (m2.flatten(1).sum(1).clamp_min(1) if m2 is not None else p2[0].numel())
+        if m2 is not None:  # slices without any body voxel do not count
+            keep = m2.flatten(1).any(1)
+            ps, ss, mae = ps[keep], ss[keep], mae[keep]
+    else:
+        ps, ss = psnr(p, t, 1.0, m), ssim(p, t, 1.0, spatial_dims=3, mask=m)
+        diff = (p - t).abs()
+        mae = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
+    result = {
+        "psnr": float(ps.mean()),
+        "ssim": float(ss.mean()),
+        "mae": float(mae.mean() * rng),
+        "window": [lo, hi],
+        "data_range": rng,
+        "mode": mode,
+        "masked": m is not None,
+        "n": int(p.shape[0] * p.shape[1]),
+        "units": {"psnr": "dB", "mae": "HU", "window": "HU"},
+    }
+    return result

@@ -1,0 +1,107 @@
+"""PNG previews: tri-planar views of volumes, radiographs, curves (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["save_image_png", "save_triplanar_png", "save_curves_png"]
+
+
+def _np3d(vol) -> np.ndarray:
+    a = vol.detach().cpu().float().numpy() if isinstance(vol, torch.Tensor) else np.asarray(vol, dtype=np.float32)
+    while a.ndim > 3:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {a.shape}")
+    return a
+
+
+def save_image_png(image, path: str | Path, vmin: float | None = None, vmax: float | None = None) -> Path:
+    """Writes a 2D array as an 8-bit grayscale PNG (window ``[vmin, vmax]``, default min/max)."""
+    from PIL import Image
+
+    a = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=np.float32)
+    a = np.squeeze(a)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2D image, got shape {a.shape}")
+    lo = float(a.min()) if vmin is None else vmin
+    hi = float(a.max()) if vmax is None else vmax
+    u8 = (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255).round().astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(u8).save(path)
+    return path
+
+
+def save_triplanar_png(
+    volumes: Mapping[str, object], path: str | Path, window: Sequence[float] = (-1000.0, 1000.0),
+    title: str | None = None, error_of: tuple[str, str] | None = None,
+) -> Path:
+    """Axial, coronal and sagittal centre slices of each volume (rows), with an optional error row.
+
+    Args:
+        volumes: name -> (S0, S1, S2) (x, y, z) volume in HU.
+        path: PNG to write.
+        window: HU display window.
+        title: figure title.
+        error_of: (prediction name, reference name): adds an |error| row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = {k: _np3d(v) for k, v in volumes.items()}
+    rows = list(arrays.items())
+    if error_of is not None:
+        rows.append((f"|{error_of[0]} - {error_of[1]}|", np.abs(arrays[error_of[0]] - arrays[error_of[1]])))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for r, (name, a) in enumerate(rows):
+        cx, cy, cz = (s // 2 for s in a.shape)
+        views = [a[:, :, cz].T, a[:, cy, :].T, a[cx, :, :].T]  # axial (x,y), coronal (x,z), sagittal (y,z)
+        is_err = error_of is not None and r == len(rows) - 1
+        for c, (img, plane) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
+            ax = axes[r, c]
+            if is_err:
+                ax.imshow(img, cmap="magma", origin="lower", vmin=0, vmax=(window[1] - window[0]) / 4)
+            else:
+                ax.imshow(img, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
+            ax.set_title(f"{name} {plane}", fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(f"{title}  (window {window[0]:g}..{window[1]:g} HU)", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_curves_png(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel: str = "", ylabel: str = "",
+                    x: Sequence[float] | None = None, logy: bool = False) -> Path:
+    """Line plot of named series (training curves, benchmark sweeps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in curves.items():
+        ax.plot(list(x) if x is not None else range(len(ys)), list(ys), marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

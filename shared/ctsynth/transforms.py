@@ -1,0 +1,132 @@
+"""MONAI transforms used by the bundles: functional core, array transform, dictionary wrapper (``d``)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from ctsynth.drr import DRRProjector
+from ctsynth.geometry import ProjectionGeometry
+from ctsynth.phantoms import slab_average
+
+__all__ = [
+    "scale_hu", "unscale_hu", "ScaleHU", "ScaleHUd",
+    "render_drr", "RenderDRR", "RenderDRRd",
+    "SlabAverage", "SlabAveraged",
+]
+
+
+def scale_hu(x: torch.Tensor, window: Sequence[float] = (-1000.0, 1000.0), clip: bool = True) -> torch.Tensor:
+    """Maps HU in ``window`` linearly to [0, 1] (clipped by default)."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"window must be (low, high) with high > low, got {tuple(window)}")
+    y = (x - lo) / (hi - lo)
+    return y.clamp(0.0, 1.0) if clip else y
+
+
+def unscale_hu(y: torch.Tensor, window: Sequence[float] = (-1000.0, 1000.0)) -> torch.Tensor:
+    """Inverse of :func:`scale_hu` (values outside the window stay at its edges)."""
+    lo, hi = float(window[0]), float(window[1])
+    return y * (hi - lo) + lo
+
+
+class ScaleHU(Transform):
+    """Array transform around :func:`scale_hu`; ``inverse`` maps back to HU."""
+
+    def __init__(self, window: Sequence[float] = (-1000.0, 1000.0), clip: bool = True) -> None:
+        scale_hu(torch.zeros(1), window)  # validates the window now
+        self.window, self.clip = tuple(float(w) for w in window), clip
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return scale_hu(img, self.window, self.clip)
+
+    def inverse(self, img: torch.Tensor) -> torch.Tensor:
+        return unscale_hu(img, self.window)
+
+
+class ScaleHUd(MapTransform):
+    """Dictionary wrapper of :class:`ScaleHU`."""
+
+    def __init__(self, keys: KeysCollection, window: Sequence[float] = (-1000.0, 1000.0), clip: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.t = ScaleHU(window, clip)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.t(d[key])
+        return d
+
+
+def render_drr(volume_hu: torch.Tensor, geometry: ProjectionGeometry, projector: DRRProjector | None = None) -> torch.Tensor:
+    """DRR line integrals (V, rows, cols) of one (1, S0, S1, S2) HU MetaTensor with the given geometry."""
+    if volume_hu.ndim != 4 or volume_hu.shape[0] != 1:
+        raise ValueError(f"expected a (1, S0, S1, S2) volume, got {tuple(volume_hu.shape)}")
+    affine = getattr(volume_hu, "affine", None)
+    if affine is None:
+        raise ValueError("render_drr needs a MetaTensor with an affine (load it with ctsynth.io.load_volume)")
+    projector = projector or DRRProjector(input_kind="hu")
+    with torch.no_grad():
+        return projector(torch.as_tensor(volume_hu)[None].float(), affine, geometry)[0]
+
+
+class RenderDRR(Transform):
+    """Array transform around :func:`render_drr`."""
+
+    def __init__(self, geometry: ProjectionGeometry, **projector_kwargs: Any) -> None:
+        self.geometry = geometry
+        self.projector = DRRProjector(input_kind="hu", **projector_kwargs)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return render_drr(img, self.geometry, self.projector)
+
+
+class RenderDRRd(MapTransform):
+    """Dictionary wrapper of :class:`RenderDRR`: writes the DRRs of ``keys`` under ``output_keys``."""
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection, geometry: ProjectionGeometry,
+                 allow_missing_keys: bool = False, **projector_kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError(f"need one output key per key, got {self.keys} -> {self.output_keys}")
+        self.t = RenderDRR(geometry, **projector_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out in self.key_iterator(d, self.output_keys):
+            d[out] = self.t(d[key])
+        return d
+
+
+class SlabAverage(Transform):
+    """Array transform around :func:`ctsynth.phantoms.slab_average` (thin -> thick slices)."""
+
+    def __init__(self, factor: int, axis: int = -1, stride: int | None = None) -> None:
+        self.factor, self.axis, self.stride = factor, axis, stride
+
+    def __call__(self, img: torch.Tensor) -> MetaTensor:
+        return slab_average(img, self.factor, self.axis, self.stride)
+
+
+class SlabAveraged(MapTransform):
+    """Dictionary wrapper of :class:`SlabAverage`: writes the thick volume of ``keys`` under ``output_keys``."""
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection, factor: int, axis: int = -1,
+                 stride: int | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
+        self.t = SlabAverage(factor, axis, stride)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out in self.key_iterator(d, self.output_keys):
+            d[out] = self.t(d[key])
+        return d

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from ctsynth.cli import main, normalise_argv
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["phantom", "o", "--shape", "64", "64", "32"], ["phantom", "o", "--shape=64,64,32"]),
+        (["metrics", "a", "b", "--window", "-1000", "1000"], ["metrics", "a", "b", "--window=-1000,1000"]),
+        (["phantom", "o", "--spacing", "1.5", "--n", "2"], ["phantom", "o", "--spacing=1.5,", "--n", "2"]),
+        (["drr", "v", "--views", "ap,lateral"], ["drr", "v", "--views", "ap,lateral"]),
+    ],
+)
+def test_normalise_argv(argv, expected):
+    assert normalise_argv(argv) == expected
+
+
+def _json_out(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    main(["phantom", str(tmp_path / "ph"), "--n", "2", "--shape", "40", "40", "32", "--spacing", "6", "--contrast",
+          "--emboli", "1", "--seed", "3"])
+    assert _json_out(capsys)["written"] == 2
+    manifest = json.loads((tmp_path / "ph" / "phantoms.json").read_text())
+    assert manifest[0]["seed"] == 3 and manifest[0]["pe"] == 1
+    vol = tmp_path / "ph" / "phantom_0003.nii.gz"
+    main(["drr", str(vol), "--out", str(tmp_path / "drr"), "--size", "32", "--views", "ap,lateral"])
+    out = _json_out(capsys)
+    assert len(out["views"]) == 2 and (tmp_path / "drr" / "drr_ap.png").exists()
+    assert json.loads((tmp_path / "drr" / "geometry.json").read_text())["detector_shape"] == [32, 32]
+    main(["metrics", str(vol), str(vol), "--window", "-1000", "1000"])
+    m = _json_out(capsys)
+    assert m["psnr"] == 100.0 and m["ssim"] == pytest.approx(1.0) and m["window"] == [-1000.0, 1000.0]
+    main(["convert", str(vol), str(tmp_path / "dcm")])
+    assert _json_out(capsys)["files"] == 32
+    main(["convert", str(tmp_path / "dcm"), str(tmp_path / "back.nii.gz")])
+    capsys.readouterr()
+    main(["metrics", str(tmp_path / "back.nii.gz"), str(vol)])
+    assert _json_out(capsys)["mae"] < 0.5  # DICOM stores whole HU
+
+
+def test_cli_bench_drr_small(tmp_path, capsys):
+    main(["bench", "drr", "--size", "32", "--shape", "32", "32", "16", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    res = _json_out(capsys)
+    assert res["benchmark"] == "drr" and res["job"]["volume_shape"] == [32, 32, 16]
+    assert res["seconds_per_drr"]["forward"] > 0 and "machine" in res
+    assert json.loads((tmp_path / "b.json").read_text())["job"] == res["job"]
+
+
+def test_foundation_demo(tmp_path, capsys):
+    main(["demo", "--out", str(tmp_path), "--bundle", "foundation", "--n", "2"])
+    paths = _json_out(capsys)
+    report = json.loads(open(paths["foundation"]).read())
+    assert len(report["phantoms"]) == 2
+    base = report["baselines"]
+    assert base["slab5_linear"]["window"] == [-1000, 1000]
+    assert base["slab5_linear"]["psnr"] > base["mean_volume"]["psnr"]
+    assert (tmp_path / "foundation" / "drr" / "phantom_000_ap.png").exists()
+    assert (tmp_path / "foundation" / "previews" / "phantom_001.png").exists()
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(ValueError, match="--format"):
+        main(["phantom", str(tmp_path), "--format", "mhd"])
+    with pytest.raises(ValueError, match="unknown demo"):
+        main(["demo", "--out", str(tmp_path), "--bundle", "nope"])
+
+
+def test_tune_cpu_allocator_respects_opt_out(monkeypatch):
+    from ctsynth.runtime import tune_cpu_allocator
+
+    monkeypatch.setenv("CTSYNTH_NO_MALLOC_TUNING", "1")
+    assert tune_cpu_allocator() is False
+    monkeypatch.delenv("CTSYNTH_NO_MALLOC_TUNING")
+    assert tune_cpu_allocator() in (True, False)  # True on glibc, False elsewhere

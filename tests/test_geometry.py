@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from ctsynth.geometry import NAMED_VIEWS, ProjectionGeometry, parse_views, volume_center
+
+
+@pytest.mark.parametrize(
+    "views, expected",
+    [
+        ("ap,lateral", [0.0, 90.0]),
+        ("pa", [180.0]),
+        (["ap", 45], [0.0, 45.0]),
+        (4, [0.0, 45.0, 90.0, 135.0]),
+        (2, [0.0, 90.0]),
+        ("30, 60", [30.0, 60.0]),
+    ],
+)
+def test_parse_views(views, expected):
+    assert parse_views(views) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", ["oblique", 0, [], "ap,,"])
+def test_parse_views_errors(bad):
+    with pytest.raises(ValueError):
+        parse_views(bad)
+
+
+def test_named_views_directions():
+    g = ProjectionGeometry(angles_deg=[NAMED_VIEWS["ap"], NAMED_VIEWS["lateral"], NAMED_VIEWS["pa"]])
+    src = g.source_directions
+    assert torch.allclose(src[0], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)  # anterior
+    assert torch.allclose(src[1], torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-12)  # patient right
+    assert torch.allclose(src[2], torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64), atol=1e-12)  # posterior
+    # detector sits sdd from the source, on the far side
+    d = (g.source_positions - g.detector_centers).norm(dim=-1)
+    assert torch.allclose(d, torch.full((3,), 1200.0, dtype=torch.float64))
+
+
+def test_json_round_trip(tmp_path):
+    aff = torch.diag(torch.tensor([0.8, 0.8, 2.0, 1.0], dtype=torch.float64))
+    g = ProjectionGeometry.for_volume(aff, (100, 100, 50), views=4, detector_shape=(64, 80), pixel_spacing_mm=(1.5, 2.0),
+                                      sid_mm=900, sdd_mm=1100)
+    path = g.save_json(tmp_path / "g.json")
+    g2 = ProjectionGeometry.load_json(path)
+    assert g2 == g
+    assert g2.to_dict()["isocenter_mm"] == pytest.approx([39.6, 39.6, 49.0])
+    assert torch.equal(g2.pixel_positions(), g.pixel_positions())
+
+
+def test_missing_fields_error(tmp_path):
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps({"kind": "cone", "angles_deg": [0]}))
+    with pytest.raises(ValueError, match=r"missing fields \['sid_mm'"):
+        ProjectionGeometry.load_json(p)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kind="fan"), dict(sid_mm=1200, sdd_mm=1000), dict(detector_shape=(0, 10)), dict(pixel_spacing_mm=-1),
+     dict(isocenter_mm=(0, 0)), dict(angles_deg=[])],
+)
+def test_invalid_geometry(kwargs):
+    with pytest.raises(ValueError):
+        ProjectionGeometry(**kwargs)
+
+
+def test_cone_magnification_of_points():
+    g = ProjectionGeometry(angles_deg=[0.0], sid_mm=1000, sdd_mm=1500, detector_shape=(101, 101), pixel_spacing_mm=1.0)
+    # a point 20 mm towards patient left at the isocentre plane lands 20 * 1.5 mm from the centre
+    rc = g.project_points(torch.tensor([[20.0, 0.0, 0.0], [0.0, 0.0, 10.0], [20.0, 100.0, 0.0]]))[0]
+    assert rc[0].tolist() == pytest.approx([50.0, 50.0 + 30.0])
+    assert rc[1].tolist() == pytest.approx([50.0 - 15.0, 50.0])  # superior is up (smaller row)
+    # closer to the source (y=+100 for AP): magnification 1500 / 900
+    assert rc[2, 1].item() == pytest.approx(50.0 + 20.0 * 1500 / 900)
+    assert g.magnification == pytest.approx(1.5)
+
+
+def test_parallel_projection_has_no_magnification():
+    g = ProjectionGeometry(angles_deg=[90.0], kind="parallel", detector_shape=(11, 11), pixel_spacing_mm=2.0)
+    rc = g.project_points(torch.tensor([[300.0, 8.0, -4.0]]))[0, 0]
+    assert rc.tolist() == pytest.approx([5 + 2.0, 5 + 4.0])
+    assert g.magnification == 1.0
+
+
+def test_volume_center():
+    aff = torch.eye(4, dtype=torch.float64)
+    aff[:3, 3] = torch.tensor([-10.0, 5.0, 100.0])
+    assert volume_center(aff, (11, 21, 3)).tolist() == pytest.approx([-5.0, 15.0, 101.0])

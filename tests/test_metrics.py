@@ -1,0 +1,93 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from ctsynth.metrics import compute_image_metrics, ms_ssim, ms_ssim_weights, psnr, ssim, ssim_window
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40, 36, 32), (1, 1, 48, 40), (2, 1, 24, 24, 24)])
+@pytest.mark.parametrize("data_range", [1.0, 2000.0])
+def test_ssim_matches_skimage(shape, data_range):
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(shape, generator=g, dtype=torch.float64) * data_range
+    b = (a + 0.3 * data_range * torch.rand(shape, generator=g, dtype=torch.float64)).clamp(0, data_range)
+    ours = ssim(a, b, data_range, spatial_dims=len(shape) - 2)
+    for i in range(shape[0]):
+        ref = structural_similarity(a[i, 0].numpy(), b[i, 0].numpy(), data_range=data_range, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False)
+        assert abs(float(ours[i]) - ref) < 1e-3
+
+
+@pytest.mark.parametrize("shape, n", [((64, 64, 64), 3), ((176, 176, 176), 5), ((160, 200, 200), 4), ((11, 30, 30), 1),
+                                      ((32, 32, 32), 2)])
+def test_ms_ssim_scale_rule(shape, n):
+    w = ms_ssim_weights(shape)
+    assert len(w) == n
+    assert sum(w) == pytest.approx(1.0)
+
+
+def test_ms_ssim_on_64_cube_and_identity():
+    a = torch.rand(1, 1, 64, 64, 64)
+    assert float(ms_ssim(a, a, 1.0)) == pytest.approx(1.0, abs=1e-5)
+    b = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    v = float(ms_ssim(a, b, 1.0))
+    assert 0.0 < v < 1.0
+    with pytest.raises(ValueError, match="win_size"):
+        ms_ssim_weights((8, 64, 64))
+
+
+def test_psnr_pinned():
+    t = torch.zeros(1, 1, 4, 4, 4)
+    p = torch.full_like(t, 0.1)
+    assert float(psnr(p, t, 1.0)) == pytest.approx(20.0, abs=1e-4)
+    assert float(psnr(t, t, 1.0)) == 100.0
+
+
+def test_compute_image_metrics_window_and_report():
+    target = torch.full((20, 20, 20), -1000.0)
+    target[5:15, 5:15, 5:15] = 40.0
+    pred = target.clone()
+    pred[5:15, 5:15, 5:15] = 140.0  # +100 HU in 1000 voxels of 8000
+    res = compute_image_metrics(pred, target, window=(-1000, 1000))
+    assert res["mae"] == pytest.approx(100.0 * 1000 / 8000, rel=1e-5)
+    assert res["psnr"] == pytest.approx(10 * math.log10(2000**2 / (100.0**2 * 1000 / 8000)), rel=1e-5)
+    assert res["window"] == [-1000.0, 1000.0] and res["data_range"] == 2000.0 and res["mode"] == "3d"
+    # values outside the window are clipped: a narrower window changes PSNR by its range
+    narrow = compute_image_metrics(pred, target, window=(-1000, 1500))
+    assert narrow["psnr"] == pytest.approx(res["psnr"] + 20 * math.log10(2500 / 2000), rel=1e-5)
+
+
+def test_per_slice_and_mask():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(16, 16, 8, generator=g) * 2000 - 1000
+    p = t + 50 * torch.randn(16, 16, 8, generator=g)
+    r3 = compute_image_metrics(p, t)
+    rs = compute_image_metrics(p, t, mode="per-slice", slice_axis=-1)
+    assert rs["mode"] == "per-slice" and rs["n"] == 1
+    assert rs["psnr"] != pytest.approx(r3["psnr"], abs=1e-6)
+    mask = torch.zeros(16, 16, 8, dtype=torch.bool)
+    mask[4:12, 4:12] = True
+    rm = compute_image_metrics(p, t, mask=mask)
+    err = (p.clamp(-1000, 1000) - t.clamp(-1000, 1000)).abs()
+    assert rm["masked"] and rm["mae"] == pytest.approx(float(err[mask].mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(window=(1, 0)), "window"), (dict(mode="2.5d"), "mode")],
+)
+def test_metric_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_image_metrics(torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), **kwargs)
+
+
+def test_nan_and_shape_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        compute_image_metrics(torch.full((8, 8, 8), float("nan")), torch.zeros(8, 8, 8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        compute_image_metrics(torch.zeros(8, 8, 8), torch.zeros(8, 8, 9))
+    with pytest.raises(ValueError, match=">= 3"):
+        ssim_window((2, 10, 10))

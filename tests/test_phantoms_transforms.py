@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from ctsynth.phantoms import TISSUE_HU, grid_affine, slab_average, thorax_phantom
+from ctsynth.transforms import RenderDRRd, ScaleHU, ScaleHUd, SlabAveraged, scale_hu, unscale_hu
+from ctsynth.geometry import ProjectionGeometry
+
+
+def test_phantom_is_deterministic_and_anatomical():
+    a, info = thorax_phantom((48, 48, 40), 6.0, seed=5)
+    b, _ = thorax_phantom((48, 48, 40), 6.0, seed=5)
+    c, _ = thorax_phantom((48, 48, 40), 6.0, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (1, 48, 48, 40) and a.dtype == torch.float32
+    assert torch.allclose(a.affine, grid_affine((48, 48, 40), 6.0))
+    vals = a.flatten()
+    frac = lambda lo, hi: float(((vals >= lo) & (vals < hi)).float().mean())  # noqa: E731
+    assert frac(-1001, -990) > 0.05  # air outside the body
+    assert frac(-900, -780) > 0.05  # lungs, distinct from air
+    assert frac(-150, 100) > 0.1  # soft tissue
+    assert frac(200, 2000) > 0.002  # bone
+    assert float(a.max()) < 1200 and float(a.min()) >= -1000.01
+
+
+def test_contrast_and_emboli():
+    plain, _ = thorax_phantom((64, 64, 48), 5.0, seed=1)
+    ctpa, info = thorax_phantom((64, 64, 48), 5.0, seed=1, contrast=True, emboli=1.0)
+    assert info.contrast and info.emboli >= 1
+    assert float((ctpa > 250).float().sum()) > float((plain > 250).float().sum()) + 50
+    _, none = thorax_phantom((32, 32, 32), 8.0, seed=1, contrast=True, emboli=0.0)
+    assert none.emboli == 0
+    with pytest.raises(ValueError, match="probability"):
+        thorax_phantom((32, 32, 32), 8.0, emboli=2.0)
+
+
+def test_noise_and_partial_volume():
+    clean, _ = thorax_phantom((40, 40, 32), 6.0, seed=0)
+    noisy, _ = thorax_phantom((40, 40, 32), 6.0, seed=0, noise_hu=20.0)
+    assert float((noisy - clean).std()) == pytest.approx(20.0, rel=0.05)
+    # anti-aliased edges: intermediate values exist between lung and soft tissue
+    mid = ((clean > -700) & (clean < -200)).float().mean()
+    assert float(mid) > 0.002
+
+
+def test_slab_average_positions_and_values():
+    vol, _ = thorax_phantom((16, 16, 20), (1.0, 1.0, 1.0), seed=0)
+    thick = slab_average(vol, 5)
+    assert thick.shape == (1, 16, 16, 4)
+    assert torch.allclose(thick[..., 1], vol[..., 5:10].mean(-1))
+    # thick slice j sits at the mean position of its thin slices
+    thin_z = (vol.affine @ torch.tensor([0.0, 0, 7, 1], dtype=torch.float64))[2]
+    thick_z = (thick.affine @ torch.tensor([0.0, 0, 1, 1], dtype=torch.float64))[2]
+    assert float(thick_z) == pytest.approx(float(thin_z))
+    assert float(thick.affine[2, 2]) == 5.0
+    overlapping = slab_average(vol, 5, stride=2)
+    assert overlapping.shape[-1] == 8 and float(overlapping.affine[2, 2]) == 2.0
+    with pytest.raises(ValueError, match="cannot average"):
+        slab_average(vol, 30)
+
+
+def test_scale_hu_round_trip_and_dict():
+    hu = torch.tensor([-2000.0, -1000.0, 0.0, 1000.0, 3000.0])
+    assert scale_hu(hu).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert torch.allclose(unscale_hu(scale_hu(hu, clip=False)), hu)
+    t = ScaleHU((-1000, 3000))
+    assert torch.allclose(t.inverse(t(hu)), hu.clamp(-1000, 3000))
+    d = ScaleHUd(["a"])({"a": hu, "b": hu})
+    assert d["a"].tolist() == scale_hu(hu).tolist() and d["b"] is hu
+    with pytest.raises(ValueError, match="window"):
+        ScaleHU((10, 0))
+
+
+def test_dict_transforms_render_and_slab():
+    vol, _ = thorax_phantom((24, 24, 20), 8.0, seed=0)
+    g = ProjectionGeometry.for_volume(vol.affine, vol.shape[1:], detector_shape=(16, 16), pixel_spacing_mm=16)
+    d = RenderDRRd("ct", "xray", g)({"ct": vol})
+    assert d["xray"].shape == (2, 16, 16) and float(d["xray"].max()) > 1.0
+    d = SlabAveraged("ct", "thick", factor=4)(d)
+    assert d["thick"].shape == (1, 24, 24, 5)
+    assert set(TISSUE_HU) >= {"lung", "cortical_bone", "iodine_artery"}
