@@ -78,3 +78,25 @@ def test_tune_cpu_allocator_respects_opt_out(monkeypatch):
     assert tune_cpu_allocator() is False
     monkeypatch.delenv("CTSYNTH_NO_MALLOC_TUNING")
     assert tune_cpu_allocator() in (True, False)  # True on glibc, False elsewhere
+
+
+def test_prepare_xray2ct(tmp_path, capsys):
+    from ctsynth.io import load_volume
+    from ctsynth.prepare import deterministic_split
+
+    main(["phantom", str(tmp_path / "ct"), "--n", "4", "--shape", "40", "36", "24", "--spacing", "8", "8", "12"])
+    (tmp_path / "ct" / "broken.nii.gz").write_bytes(b"not a nifti")
+    capsys.readouterr()
+    main(["prepare", "xray2ct", "--ct", str(tmp_path / "ct" / "*.nii.gz"), "--out", str(tmp_path / "data"),
+          "--views", "4", "--sizes", "8", "16", "--xray-size", "32"])
+    report = _json_out(capsys)
+    assert report["prepared"] == 4 and report["skipped"][0]["source"].endswith("broken.nii.gz")
+    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    assert sum(report["splits"].values()) == 4 and report["splits"]["test"] == 1
+    case = datalist["training"][0]
+    cube = load_volume(tmp_path / "data" / case["image_16"])
+    assert cube.shape == (1, 16, 16, 16) and float(cube.affine[0, 0]) == pytest.approx(case["fov_mm"] / 16)
+    assert len(case["xrays"]) == 4 and datalist["meta"]["views_deg"] == [0.0, 45.0, 90.0, 135.0]
+    # the split does not depend on input order
+    ids = [f"case{i}" for i in range(20)]
+    assert deterministic_split(ids, seed=1) == deterministic_split(ids[::-1], seed=1)

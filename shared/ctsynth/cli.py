@@ -67,11 +67,24 @@ class Bench:
         sys.stdout.write(write_json(res, out) + "\n")
 
 
+class Prepare:
+    """Dataset preparation per bundle; each writes a MONAI datalist and a report of skipped inputs."""
+
+    def xray2ct(self, ct: Any, out: str, views: Any = 2, sizes: Any = (64, 128, 256), xray_size: int = 512,
+                sid: float = 1000.0, sdd: float = 1200.0, seed: int = 0) -> None:
+        """CTs (NIfTI, DICOM folders or zips; paths or globs) -> cubes per stage size, radiographs, geometry, datalist."""
+        from ctsynth.prepare import prepare_xray2ct
+
+        ct_list = list(ct) if isinstance(ct, (list, tuple)) else [str(ct)]
+        _emit(prepare_xray2ct(ct_list, out, views, _tuple(sizes), xray_size, sid_mm=sid, sdd_mm=sdd, seed=seed))
+
+
 class CLI:
     """ctsynth: synthesise CT where a full scan is missing."""
 
     def __init__(self) -> None:
         self.bench = Bench()
+        self.prepare = Prepare()
 
     def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0) -> None:
         """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json."""

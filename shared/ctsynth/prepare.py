@@ -1,0 +1,170 @@
+"""Dataset preparation shared by the bundles: resampling to training grids, splits, datalists.
+
+``prepare_xray2ct`` builds the cascade_xray2ct dataset: for each CT, isotropic cubes at every stage size
+over one field of view, clipped HU, radiographs rendered with the projector, the geometry, and a MONAI
+datalist with a deterministic train/validation/test split. A CT that cannot be used is skipped and its
+reason written to ``report.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from ctsynth.drr import DRRProjector
+from ctsynth.geometry import ProjectionGeometry, parse_views
+from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
+
+__all__ = ["deterministic_split", "resample_to_cube", "expand_inputs", "prepare_xray2ct"]
+
+logger = logging.getLogger(__name__)
+SPLITS = ("training", "validation", "test")
+
+
+def deterministic_split(ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                        strata: Sequence[str] | None = None) -> dict[str, str]:
+    """Assigns each id to training/validation/test, reproducibly and independently of input order.
+
+    Ids are ordered by a hash of ``seed`` and the id; each stratum (e.g. a category) is split on its own
+    so the fractions hold per stratum. Every split with a non-zero fraction gets at least one id when the
+    stratum has enough ids.
+    """
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    strata = list(strata) if strata is not None else ["all"] * len(ids)
+    if len(strata) != len(ids):
+        raise ValueError("need one stratum per id")
+    out: dict[str, str] = {}
+    for stratum in sorted(set(strata)):
+        members = sorted((i for i, s in zip(ids, strata) if s == stratum),
+                         key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+        n = len(members)
+        n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 and n >= 3 else 0
+        n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 and n >= 3 else 0
+        for k, i in enumerate(members):
+            out[i] = "test" if k < n_test else "validation" if k < n_test + n_val else "training"
+    return out
+
+
+def resample_to_cube(volume: MetaTensor, size: int, fov_mm: float, center_mm: torch.Tensor,
+                     hu_clip: Sequence[float] = (-1024.0, 3071.0)) -> MetaTensor:
+    """Resamples a CT onto an axis-aligned RAS cube (trilinear; outside the scan is air).
+
+    Args:
+        volume: (1, S0, S1, S2) HU with any orientation.
+        size: voxels per side.
+        fov_mm: cube side in mm.
+        center_mm: (3,) cube centre in world RAS mm.
+        hu_clip: HU range kept.
+
+    Returns:
+        (1, size, size, size) MetaTensor whose affine is diagonal RAS with spacing ``fov_mm / size``.
+    """
+    sp = fov_mm / size
+    aff = torch.eye(4, dtype=torch.float64)
+    aff[:3, :3] *= sp
+    aff[:3, 3] = torch.as_tensor(center_mm, dtype=torch.float64) - (size - 1) / 2.0 * sp
+    src_inv = torch.linalg.inv(torch.as_tensor(volume.affine, dtype=torch.float64))
+    idx = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    world = idx @ aff[:3, :3].T + aff[:3, 3]
+    vox = world @ src_inv[:3, :3].T + src_inv[:3, 3]
+    shape = torch.tensor(volume.shape[1:], dtype=torch.float64)
+    grid = (vox / (shape - 1) * 2 - 1).flip(-1).float()[None]
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    lo, hi = float(hu_clip[0]), float(hu_clip[1])
+    shifted = (data.clamp(lo, hi) - lo)[None]  # zero padding == air at the clip floor
+    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0] + lo
+    return MetaTensor(out.clamp(lo, hi), affine=aff)
+
+
+def expand_inputs(patterns: str | Sequence[str]) -> list[Path]:
+    """Files/folders from paths or glob patterns (sorted, de-duplicated)."""
+    items = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
+    found: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(str(item))) or ([str(item)] if Path(item).exists() else [])
+        if not matches:
+            raise FileNotFoundError(f"no CT matches {item!r}")
+        found.extend(Path(m) for m in matches)
+    return sorted(dict.fromkeys(found))
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str = 2,
+                    sizes: Sequence[int] = (64, 128, 256), xray_size: int = 512, hu_clip: Sequence[float] = (-1024, 3071),
+                    sid_mm: float = 1000.0, sdd_mm: float = 1200.0, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                    seed: int = 0) -> dict[str, Any]:
+    """Builds the cascade_xray2ct dataset.
+
+    For each CT: isotropic cubes at every size over one field of view (the larger of the in-plane extents,
+    centred on the scan), HU clipped to ``hu_clip``, ``views`` radiographs rendered from the finest cube
+    (2: AP + lateral; more: evenly spaced over 180 degrees), and ``geometry.json``.
+
+    Writes ``OUT/cases/<id>/ct_<size>.nii.gz``, ``xray_<k>.nii.gz``, ``geometry.json``, ``OUT/datalist.json``
+    (MONAI datalist with ``training``/``validation``/``test``) and ``OUT/report.json`` (skipped CTs with reasons).
+    """
+    out = Path(out)
+    sizes = sorted(int(s) for s in sizes)
+    angles = parse_views(views if not isinstance(views, str) or not views.isdigit() else int(views))
+    paths = expand_inputs(ct)
+    entries, skipped = [], []
+    for path in tqdm(paths, desc="prepare xray2ct", unit="ct"):
+        case = _case_id(path)
+        try:
+            vol = load_volume(path)
+            extent = [float(torch.linalg.norm(vol.affine[:3, i])) * vol.shape[1 + i] for i in range(3)]
+            fov = max(extent[0], extent[1])
+            center = (vol.affine @ torch.tensor([*(((s - 1) / 2) for s in vol.shape[1:]), 1.0], dtype=torch.float64))[:3]
+            case_dir = out / "cases" / case
+            entry: dict[str, Any] = {"id": case, "source": str(path), "fov_mm": fov}
+            cubes = {}
+            for s in sizes:
+                cubes[s] = resample_to_cube(vol, s, fov, center, hu_clip)
+                save_nifti(cubes[s], case_dir / f"ct_{s}.nii.gz")
+                entry[f"image_{s}"] = str(Path("cases") / case / f"ct_{s}.nii.gz")
+            finest = cubes[sizes[-1]]
+            pixel = fov * 1.15 * sdd_mm / sid_mm / xray_size
+            geom = ProjectionGeometry(angles_deg=angles, sid_mm=sid_mm, sdd_mm=sdd_mm, detector_shape=(xray_size, xray_size),
+                                      pixel_spacing_mm=pixel, isocenter_mm=center)
+            with torch.no_grad():
+                li = DRRProjector(geom)(finest[None], finest.affine)[0]
+            entry["xrays"] = []
+            for k in range(geom.num_views):
+                save_projection_nifti(li[k], case_dir / f"xray_{k}.nii.gz", geom.pixel_spacing_mm.tolist())
+                entry["xrays"].append(str(Path("cases") / case / f"xray_{k}.nii.gz"))
+            geom.save_json(case_dir / "geometry.json")
+            entry["geometry"] = str(Path("cases") / case / "geometry.json")
+            entries.append(entry)
+        except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
+            logger.warning("skipping %s: %s", path, e)
+            skipped.append({"source": str(path), "reason": str(e)})
+    if not entries:
+        raise ValueError(f"none of the {len(paths)} CTs could be used; see the reasons:\n" +
+                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
+    split = deterministic_split([e["id"] for e in entries], fractions, seed)
+    datalist = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
+    datalist["meta"] = {"sizes": sizes, "views_deg": angles, "xray_size": xray_size, "hu_clip": list(hu_clip),
+                        "split_seed": seed, "fractions": list(fractions)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
