@@ -125,14 +125,14 @@ class CLI:
         import torch
 
         from ctsynth.drr import DRRProjector, display_image
-        from ctsynth.geometry import ProjectionGeometry
+        from ctsynth.geometry import ProjectionGeometry, volume_extent_mm
         from ctsynth.io import load_volume, save_projection_nifti
         from ctsynth.plots import save_image_png
 
         vol = load_volume(volume, series_uid=series_uid)
         shape = vol.shape[1:]
         if pixel_spacing is None:  # cover the volume's largest extent with 10% margin, magnified
-            extent = max(float(torch.linalg.norm(vol.affine[:3, i])) * shape[i] for i in range(3))
+            extent = max(volume_extent_mm(vol.affine, shape))
             pixel_spacing = extent * 1.1 * (1.0 if parallel else sdd / sid) / size
         geom = ProjectionGeometry.for_volume(vol.affine, shape, views=views, detector_shape=(size, size),
                                              pixel_spacing_mm=pixel_spacing, sid_mm=sid, sdd_mm=sdd,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center"]
+__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center", "volume_extent_mm"]
 
 #: Named views and their gantry angle in degrees.
 NAMED_VIEWS: dict[str, float] = {"ap": 0.0, "lateral": 90.0, "pa": 180.0, "lateral-right": 270.0}
@@ -92,6 +92,12 @@ def volume_center(affine: torch.Tensor, spatial_shape: Sequence[int]) -> torch.T
     affine = torch.as_tensor(affine, dtype=torch.float64)
     idx = torch.tensor([(s - 1) / 2.0 for s in spatial_shape] + [1.0], dtype=torch.float64)
     return (affine @ idx)[:3]
+
+
+def volume_extent_mm(affine: torch.Tensor, spatial_shape: Sequence[int]) -> list[float]:
+    """Physical length (mm) of a voxel grid along each of its three index axes."""
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    return [float(torch.linalg.norm(affine[:3, i])) * int(spatial_shape[i]) for i in range(3)]
 
 
 class ProjectionGeometry(nn.Module):

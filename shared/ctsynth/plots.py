@@ -11,6 +11,17 @@ import torch
 __all__ = ["save_image_png", "save_triplanar_png", "save_curves_png"]
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _np3d(vol) -> np.ndarray:
     a = vol.detach().cpu().float().numpy() if isinstance(vol, torch.Tensor) else np.asarray(vol, dtype=np.float32)
     while a.ndim > 3:
@@ -74,12 +85,7 @@ def save_triplanar_png(
             ax.axis("off")
     if title:
         fig.suptitle(f"{title}  (window {window[0]:g}..{window[1]:g} HU)", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def save_curves_png(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel: str = "", ylabel: str = "",
@@ -99,9 +105,4 @@ def save_curves_png(curves: Mapping[str, Sequence[float]], path: str | Path, xla
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)

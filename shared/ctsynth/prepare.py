@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from ctsynth.drr import DRRProjector
-from ctsynth.geometry import ProjectionGeometry, parse_views
+from ctsynth.geometry import ProjectionGeometry, parse_views, volume_center, volume_extent_mm
 from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
 
 __all__ = ["deterministic_split", "resample_to_cube", "expand_inputs", "prepare_xray2ct"]
@@ -130,9 +130,9 @@ def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str =
         case = _case_id(path)
         try:
             vol = load_volume(path)
-            extent = [float(torch.linalg.norm(vol.affine[:3, i])) * vol.shape[1 + i] for i in range(3)]
+            extent = volume_extent_mm(vol.affine, vol.shape[1:])
             fov = max(extent[0], extent[1])
-            center = (vol.affine @ torch.tensor([*(((s - 1) / 2) for s in vol.shape[1:]), 1.0], dtype=torch.float64))[:3]
+            center = volume_center(vol.affine, vol.shape[1:])
             case_dir = out / "cases" / case
             entry: dict[str, Any] = {"id": case, "source": str(path), "fov_mm": fov}
             cubes = {}
