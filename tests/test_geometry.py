@@ -88,3 +88,14 @@ def test_volume_center():
     aff = torch.eye(4, dtype=torch.float64)
     aff[:3, 3] = torch.tensor([-10.0, 5.0, 100.0])
     assert volume_center(aff, (11, 21, 3)).tolist() == pytest.approx([-5.0, 15.0, 101.0])
+
+
+def test_voxel_world_coordinates():
+    from ctsynth.geometry import voxel_world_coordinates
+
+    aff = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    aff[:3, 3] = torch.tensor([-1.0, 5.0, 10.0])
+    w = voxel_world_coordinates(aff, (3, 4, 5))
+    assert w.shape == (3, 4, 5, 3)
+    assert w[2, 3, 4].tolist() == pytest.approx([3.0, 14.0, 26.0])
+    assert w[0, 0, 0].tolist() == pytest.approx([-1.0, 5.0, 10.0])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from ctsynth.io import (VolumeReadError, find_dicom_series, load_projection, load_volume, read_dicom_series,
-                        safe_extract_zip, save_dicom_series, save_nifti, save_projection_nifti)
+from ctsynth.io import (VolumeReadError, find_dicom_series, load_projection, load_volume, safe_extract_zip,
+                        save_dicom_series, save_nifti, save_projection_nifti)
 
 
 def make_volume(shape=(12, 10, 8), spacing=(0.8, 0.9, 2.5), origin=(-5.0, 12.0, 300.0), seed=0):

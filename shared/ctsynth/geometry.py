@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center", "volume_extent_mm"]
+__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center", "volume_extent_mm",
+           "voxel_world_coordinates"]
 
 #: Named views and their gantry angle in degrees.
 NAMED_VIEWS: dict[str, float] = {"ap": 0.0, "lateral": 90.0, "pa": 180.0, "lateral-right": 270.0}
@@ -98,6 +99,18 @@ def volume_extent_mm(affine: torch.Tensor, spatial_shape: Sequence[int]) -> list
     """Physical length (mm) of a voxel grid along each of its three index axes."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
     return [float(torch.linalg.norm(affine[:3, i])) * int(spatial_shape[i]) for i in range(3)]
+
+
+def voxel_world_coordinates(affine: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """World RAS positions (mm) of every voxel centre of a grid, float64.
+
+    Returns:
+        (S0, S1, S2, 3), on the affine's device.
+    """
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    axes = [torch.arange(int(s), dtype=torch.float64, device=affine.device) for s in spatial_shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
 
 
 class ProjectionGeometry(nn.Module):

@@ -22,7 +22,8 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from ctsynth.drr import DRRProjector
-from ctsynth.geometry import ProjectionGeometry, parse_views, volume_center, volume_extent_mm
+from ctsynth.geometry import (ProjectionGeometry, parse_views, volume_center, volume_extent_mm,
+                              voxel_world_coordinates)
 from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
 
 __all__ = ["deterministic_split", "resample_to_cube", "expand_inputs", "prepare_xray2ct"]
@@ -75,8 +76,7 @@ def resample_to_cube(volume: MetaTensor, size: int, fov_mm: float, center_mm: to
     aff[:3, :3] *= sp
     aff[:3, 3] = torch.as_tensor(center_mm, dtype=torch.float64) - (size - 1) / 2.0 * sp
     src_inv = torch.linalg.inv(torch.as_tensor(volume.affine, dtype=torch.float64))
-    idx = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 3, indexing="ij"), -1)
-    world = idx @ aff[:3, :3].T + aff[:3, 3]
+    world = voxel_world_coordinates(aff, (size, size, size))
     vox = world @ src_inv[:3, :3].T + src_inv[:3, 3]
     shape = torch.tensor(volume.shape[1:], dtype=torch.float64)
     grid = (vox / (shape - 1) * 2 - 1).flip(-1).float()[None]

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +23,7 @@ from monai.networks.blocks import TransformerBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctsynth.geometry import ProjectionGeometry
+from ctsynth.geometry import ProjectionGeometry, voxel_world_coordinates
 
 __all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "CascadeStage", "ProgressiveCascade"]
 
@@ -103,14 +102,12 @@ def backproject_features(
     b, v, c = features.shape[:3]
     if len(geometries) != b:
         raise ValueError(f"need one geometry per batch item: {len(geometries)} for {b}")
-    idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=features.device)
-                                       for s in grid_shape], indexing="ij"), -1).reshape(-1, 3)
     out = []
     for i, g in enumerate(geometries):
         if g.num_views != v:
             raise ValueError(f"geometry {i} has {g.num_views} views, the radiographs have {v}")
         aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
-        world = idx @ aff[:3, :3].T + aff[:3, 3]
+        world = voxel_world_coordinates(aff, grid_shape).reshape(-1, 3)
         rc = g.to(features.device).project_points(world)  # V, N, 2 (row, col) in detector pixels
         rows, cols = g.detector_shape
         grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
