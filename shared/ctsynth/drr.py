@@ -31,6 +31,8 @@ __all__ = [
     "WATER_MASS_ATTENUATION",
     "BONE_MASS_ATTENUATION",
     "mu_water",
+    "mu_to_hu",
+    "backprojection_reconstruction",
     "hu_to_mu",
     "line_integral_to_intensity",
     "display_image",
@@ -75,6 +77,13 @@ def _mu_slopes(energy_kev: float, ct_energy_kev: float) -> tuple[float, float, f
     mw, mw_ct = mu_water(energy_kev), mu_water(ct_energy_kev)
     hu_bone = 1000.0 * (_mu_bone(ct_energy_kev) / mw_ct - 1.0)
     return mw, mw / 1000.0, (_mu_bone(energy_kev) - mw) / hu_bone
+
+
+def mu_to_hu(mu: torch.Tensor, energy_kev: float = 70.0, ct_energy_kev: float = 70.0) -> torch.Tensor:
+    """Inverse of :func:`hu_to_mu` (bilinear model) for mu >= 0; mu below air's maps to -1000 HU."""
+    mw, lo, hi = _mu_slopes(energy_kev, ct_energy_kev)
+    soft = (mu - mw) / lo
+    return torch.where(mu > mw, (mu - mw) / hi, soft).clamp_min(-1000.0)
 
 
 class _BilinearHUToMu(torch.autograd.Function):
@@ -351,3 +360,33 @@ class DRRProjector(nn.Module):
         acc_dtype = torch.float64 if mu.dtype == torch.float64 else torch.float32
         step_mm = (span * directions.norm(dim=-1) / n_samples).to(acc_dtype)
         return samples[0, 0].sum(-1, dtype=acc_dtype) * step_mm
+
+
+def backprojection_reconstruction(line_integrals: torch.Tensor, geometry: ProjectionGeometry, affine: torch.Tensor,
+                                  shape: Sequence[int], energy_kev: float = 70.0, min_chord_mm: float = 1.0) -> torch.Tensor:
+    """Naive reconstruction from few views: each ray's mean attenuation smeared back along the ray.
+
+    For each view the line integral is divided by the ray's chord through the reconstruction box (mean mu
+    along the ray); every voxel takes the mean over views of the value at its projection, converted to HU.
+    It is the floor a learned X-ray -> CT model must beat (it knows the body outline, little else).
+
+    Args:
+        line_integrals: (V, rows, cols) integral mu dl of the acquisition (1/mm * mm).
+        geometry: the acquisition geometry (V views).
+        affine: (4, 4) voxel -> RAS mm of the output grid.
+        shape: (S0, S1, S2) of the output grid.
+
+    Returns:
+        (1, S0, S1, S2) HU.
+    """
+    from ctsynth.geometry import backproject_features
+
+    if line_integrals.ndim != 3 or line_integrals.shape[0] != geometry.num_views:
+        raise ValueError(f"expected ({geometry.num_views}, rows, cols) line integrals, got {tuple(line_integrals.shape)}")
+    li = line_integrals.float()
+    ones = torch.ones(1, 1, *shape, dtype=torch.float32, device=li.device)
+    with torch.no_grad():
+        chord = DRRProjector(geometry, input_kind="mu")(ones, affine)[0]  # mm of box along each ray
+        mean_mu = torch.where(chord > min_chord_mm, li / chord.clamp_min(min_chord_mm), torch.zeros_like(li))
+        bp = backproject_features(mean_mu[None, :, None], [geometry], torch.as_tensor(affine)[None], tuple(shape))
+    return mu_to_hu(bp[:, 0], energy_kev, energy_kev)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center", "volume_extent_mm",
-           "voxel_world_coordinates"]
+           "voxel_world_coordinates", "cube_affine", "backproject_features"]
 
 #: Named views and their gantry angle in degrees.
 NAMED_VIEWS: dict[str, float] = {"ap": 0.0, "lateral": 90.0, "pa": 180.0, "lateral-right": 270.0}
@@ -111,6 +112,15 @@ def voxel_world_coordinates(affine: torch.Tensor, spatial_shape: Sequence[int]) 
     axes = [torch.arange(int(s), dtype=torch.float64, device=affine.device) for s in spatial_shape]
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
     return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def cube_affine(size: int, fov_mm: float, center_mm: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """(4, 4) float64 affine of an axis-aligned RAS cube of ``size`` voxels spanning ``fov_mm`` around ``center_mm``."""
+    sp = float(fov_mm) / int(size)
+    aff = torch.eye(4, dtype=torch.float64)
+    aff[:3, :3] *= sp
+    aff[:3, 3] = torch.as_tensor(center_mm, dtype=torch.float64).reshape(3) - (int(size) - 1) / 2.0 * sp
+    return aff
 
 
 class ProjectionGeometry(nn.Module):
@@ -328,10 +338,11 @@ class ProjectionGeometry(nn.Module):
             kind=data["kind"],
         )
 
-    def save_json(self, path: str | Path) -> Path:
+    def save_json(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Writes :meth:`to_dict` (plus ``extra`` entries, e.g. the reconstruction grid) as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        path.write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
         return path
 
     @classmethod
@@ -363,3 +374,38 @@ class ProjectionGeometry(nn.Module):
 
     __hash__ = nn.Module.__hash__
 
+
+def backproject_features(
+    features: torch.Tensor,
+    geometries: Sequence[ProjectionGeometry],
+    affines: torch.Tensor,
+    grid_shape: Sequence[int],
+) -> torch.Tensor:
+    """Samples each view's feature map at every voxel's projection and fuses the views (mean, max).
+
+    Args:
+        features: (B, V, C, h, w) feature maps covering each view's full detector.
+        geometries: one geometry per batch item (V views, any detector size).
+        affines: (B, 4, 4) voxel -> RAS mm of the output grid.
+        grid_shape: (S0, S1, S2).
+
+    Returns:
+        (B, 2C, S0, S1, S2): mean over views, then max over views.
+    """
+    b, v, c = features.shape[:3]
+    if len(geometries) != b:
+        raise ValueError(f"need one geometry per batch item: {len(geometries)} for {b}")
+    out = []
+    for i, g in enumerate(geometries):
+        if g.num_views != v:
+            raise ValueError(f"geometry {i} has {g.num_views} views, the radiographs have {v}")
+        aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
+        world = voxel_world_coordinates(aff, grid_shape).reshape(-1, 3)
+        rc = g.to(features.device).project_points(world)  # V, N, 2 (row, col) in detector pixels
+        rows, cols = g.detector_shape
+        grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
+        sampled = F.grid_sample(features[i], grid[:, None].to(features.dtype), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)  # V, C, 1, N
+        sampled = sampled[:, :, 0].reshape(v, c, *grid_shape)
+        out.append(torch.cat([sampled.mean(0), sampled.amax(0)], 0))
+    return torch.stack(out)

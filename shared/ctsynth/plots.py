@@ -51,6 +51,7 @@ def save_image_png(image, path: str | Path, vmin: float | None = None, vmax: flo
 def save_triplanar_png(
     volumes: Mapping[str, object], path: str | Path, window: Sequence[float] = (-1000.0, 1000.0),
     title: str | None = None, error_of: tuple[str, str] | None = None,
+    inputs: Mapping[str, object] | None = None,
 ) -> Path:
     """Axial, coronal and sagittal centre slices of each volume (rows), with an optional error row.
 
@@ -60,6 +61,7 @@ def save_triplanar_png(
         window: HU display window.
         title: figure title.
         error_of: (prediction name, reference name): adds an |error| row.
+        inputs: name -> (rows, cols) 2D images (e.g. the radiographs) shown in a first row, min-max scaled.
     """
     import matplotlib
 
@@ -70,11 +72,21 @@ def save_triplanar_png(
     rows = list(arrays.items())
     if error_of is not None:
         rows.append((f"|{error_of[0]} - {error_of[1]}|", np.abs(arrays[error_of[0]] - arrays[error_of[1]])))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    images = [(k, np.squeeze(v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v)))
+              for k, v in (inputs or {}).items()]
+    ncols = max(3, len(images))
+    off = 1 if images else 0
+    fig, axes = plt.subplots(len(rows) + off, ncols, figsize=(3 * ncols, 3 * (len(rows) + off)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for c, (name, img) in enumerate(images):
+        axes[0, c].imshow(img, cmap="gray")
+        axes[0, c].set_title(name, fontsize=8)
     for r, (name, a) in enumerate(rows):
+        r += off
         cx, cy, cz = (s // 2 for s in a.shape)
         views = [a[:, :, cz].T, a[:, cy, :].T, a[cx, :, :].T]  # axial (x,y), coronal (x,z), sagittal (y,z)
-        is_err = error_of is not None and r == len(rows) - 1
+        is_err = error_of is not None and r - off == len(rows) - 1
         for c, (img, plane) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
             ax = axes[r, c]
             if is_err:
@@ -82,7 +94,6 @@ def save_triplanar_png(
             else:
                 ax.imshow(img, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
             ax.set_title(f"{name} {plane}", fontsize=8)
-            ax.axis("off")
     if title:
         fig.suptitle(f"{title}  (window {window[0]:g}..{window[1]:g} HU)", fontsize=9)
     return _save_figure(fig, path)

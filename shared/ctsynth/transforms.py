@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,12 +15,16 @@ from monai.transforms import MapTransform, Transform
 
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
+from ctsynth.io import VolumeReadError, load_projection
 from ctsynth.phantoms import slab_average
 
 __all__ = [
     "scale_hu", "unscale_hu", "ScaleHU", "ScaleHUd",
     "render_drr", "RenderDRR", "RenderDRRd",
     "SlabAverage", "SlabAveraged",
+    "normalize_radiograph", "NormalizeRadiograph", "NormalizeRadiographd",
+    "load_radiographs", "LoadRadiographs", "LoadRadiographsd",
+    "load_geometry_json", "LoadGeometry", "LoadGeometryd", "geometries_from_batch",
 ]
 
 
@@ -130,3 +137,121 @@ class SlabAveraged(MapTransform):
         for key, out in self.key_iterator(d, self.output_keys):
             d[out] = self.t(d[key])
         return d
+
+
+class _ApplyToKeys(MapTransform):
+    """Dictionary wrapper applying one array transform ``self.t`` to every key (no logic of its own)."""
+
+    t: Transform
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.t(d[key])
+        return d
+
+
+def normalize_radiograph(x: torch.Tensor, quantiles: Sequence[float] = (0.005, 0.995)) -> torch.Tensor:
+    """Maps each radiograph (..., rows, cols) linearly so its ``quantiles`` go to 0 and 1 (not clipped).
+
+    Line integrals (NIfTI from ``ctsynth prepare``) and display images (PNG/TIFF/DICOM, bone bright) of the
+    same view map to nearly the same image, so a network trained on one accepts the other.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"expected (..., rows, cols) radiographs, got {tuple(x.shape)}")
+    flat = x.float().flatten(-2)
+    lo = torch.quantile(flat, float(quantiles[0]), dim=-1)[..., None, None]
+    hi = torch.quantile(flat, float(quantiles[1]), dim=-1)[..., None, None]
+    return (x.float() - lo) / (hi - lo).clamp_min(1e-6)
+
+
+class NormalizeRadiograph(Transform):
+    """Array transform around :func:`normalize_radiograph`."""
+
+    def __init__(self, quantiles: Sequence[float] = (0.005, 0.995)) -> None:
+        if not 0 <= quantiles[0] < quantiles[1] <= 1:
+            raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {tuple(quantiles)}")
+        self.quantiles = tuple(quantiles)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return normalize_radiograph(torch.as_tensor(img), self.quantiles)
+
+
+class NormalizeRadiographd(_ApplyToKeys):
+    """Dictionary wrapper of :class:`NormalizeRadiograph`."""
+
+    def __init__(self, keys: KeysCollection, quantiles: Sequence[float] = (0.005, 0.995),
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.t = NormalizeRadiograph(quantiles)
+
+
+def load_radiographs(paths: Sequence[str | Path], expected_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Reads the views of one study (any format :func:`ctsynth.io.load_projection` reads) as (V, rows, cols).
+
+    Raises:
+        VolumeReadError: a view unreadable, or the views differing in size (names both files).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise VolumeReadError("no radiographs given; expected one file per view")
+    views = []
+    for p in paths:
+        img, _ = load_projection(p, expected_shape)
+        if views and img.shape != views[0].shape:
+            raise VolumeReadError(f"{p}: {tuple(img.shape)} pixels, but {paths[0]} has {tuple(views[0].shape)}; "
+                                  "all views of a study must have the detector size of the geometry")
+        views.append(img)
+    return torch.stack(views)
+
+
+class LoadRadiographs(Transform):
+    """Array transform around :func:`load_radiographs`."""
+
+    def __init__(self, expected_shape: Sequence[int] | None = None) -> None:
+        self.expected_shape = expected_shape
+
+    def __call__(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        return load_radiographs(paths, self.expected_shape)
+
+
+class LoadRadiographsd(_ApplyToKeys):
+    """Dictionary wrapper of :class:`LoadRadiographs` (a list of paths per key -> (V, rows, cols))."""
+
+    def __init__(self, keys: KeysCollection, expected_shape: Sequence[int] | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.t = LoadRadiographs(expected_shape)
+
+
+def load_geometry_json(path: str | Path) -> str:
+    """Reads and validates a geometry file; returns it as canonical JSON text (which batches as a string)."""
+    return json.dumps(ProjectionGeometry.load_json(path).to_dict(), sort_keys=True)
+
+
+class LoadGeometry(Transform):
+    """Array transform around :func:`load_geometry_json`."""
+
+    def __call__(self, path: str | Path) -> str:
+        return load_geometry_json(path)
+
+
+class LoadGeometryd(_ApplyToKeys):
+    """Dictionary wrapper of :class:`LoadGeometry`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.t = LoadGeometry()
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_from_text(text: str) -> ProjectionGeometry:
+    return ProjectionGeometry.from_dict(json.loads(text))
+
+
+def geometries_from_batch(texts: str | Sequence[str], device: torch.device | str | None = None) -> list[ProjectionGeometry]:
+    """One :class:`ProjectionGeometry` per batch item from the strings :class:`LoadGeometryd` wrote."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    geoms = [_geometry_from_text(t) for t in texts]
+    return [g.to(device) for g in geoms] if device is not None else geoms

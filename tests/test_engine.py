@@ -1,0 +1,175 @@
+"""Training plumbing: atomic saves, resume, best-model selection, non-finite losses, metrics, weights loading."""
+
+import json
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from ctsynth.engine import (CheckpointManager, NonFiniteLossError, TrainingHistory, VolumeMetric, amp_settings,
+                            atomic_torch_save, load_network_weights, optimisation_step, read_checkpoint_meta,
+                            trainable_parameters)
+from ctsynth.metrics import compute_image_metrics
+from ctsynth.transforms import scale_hu
+
+
+def test_atomic_torch_save_leaves_no_temporaries(tmp_path):
+    path = atomic_torch_save({"a": torch.arange(3)}, tmp_path / "sub" / "x.pt")
+    assert torch.equal(torch.load(path)["a"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+
+def test_atomic_torch_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = atomic_torch_save({"v": 1}, tmp_path / "x.pt")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"v": Unpicklable()}, path)
+    assert torch.load(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def _trainer(model, opt, metric_values, max_nonfinite=3):
+    """A real ignite engine doing SGD on y = 2x; ``metric_values`` feeds a fake validation engine."""
+    x = torch.linspace(-1, 1, 8)[:, None]
+
+    def step(engine, batch):
+        loss = ((model(x) - 2 * x) ** 2).mean()
+        optimisation_step(engine, loss, opt, grad_clip=1.0, max_nonfinite=max_nonfinite)
+        return {"loss": float(loss), "terms": {"mse": float(loss)}}
+
+    trainer = Engine(step)
+    evaluator = Engine(lambda e, b: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _metric(engine):  # what a metric attached to a validation engine does
+        engine.state.metrics["val_psnr"] = metric_values[trainer.state.epoch - 1]
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+
+    return trainer, evaluator
+
+
+def test_checkpoint_manager_resumes_and_tracks_best(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = [10.0, 12.0, 11.0, 13.0]
+    trainer, evaluator = _trainer(model, opt, metrics)
+    mgr = CheckpointManager(tmp_path / "ck", {"network": model, "optimizer": opt}, evaluator=evaluator,
+                            key_metric="val_psnr", meta={"stage": 1}, publish_path=tmp_path / "model.pt")
+    mgr.attach(trainer)
+    trainer.run(range(3), max_epochs=2)
+    assert mgr.best_metric == 12.0 and mgr.best_epoch == 2
+    last = torch.load(mgr.last_path)
+    assert last["trainer"] == {"epoch": 2, "iteration": 6}
+    w_after_2 = model.weight.detach().clone()
+
+    # a fresh process: new objects, same folder -> continues at epoch 2 and keeps the best metric
+    model2 = nn.Linear(1, 1)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    trainer2, evaluator2 = _trainer(model2, opt2, metrics)
+    mgr2 = CheckpointManager(tmp_path / "ck", {"network": model2, "optimizer": opt2}, evaluator=evaluator2,
+                             key_metric="val_psnr", meta={"stage": 1}, publish_path=tmp_path / "model.pt")
+    mgr2.attach(trainer2)
+    started = []
+    trainer2.add_event_handler(Events.EPOCH_STARTED,
+                               lambda e: started.append(e.state.epoch))
+    trainer2.run(range(3), max_epochs=4)
+    assert started == [3, 4]  # epochs 1-2 were not repeated
+    assert torch.load(mgr2.last_path)["trainer"] == {"epoch": 4, "iteration": 12}
+    assert not torch.equal(model2.weight.detach(), w_after_2)  # it trained on
+    meta = read_checkpoint_meta(tmp_path / "model.pt")
+    assert meta["epoch"] == 4 and meta["metric"] == 13.0 and meta["stage"] == 1
+    assert meta["network_target"] == "torch.nn.modules.linear.Linear"
+
+
+def test_checkpoint_manager_rejects_foreign_checkpoint(tmp_path):
+    model = nn.Linear(1, 1)
+    atomic_torch_save({"network": model.state_dict()}, tmp_path / CheckpointManager.LAST)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer, evaluator = _trainer(model, opt, [1.0])
+    CheckpointManager(tmp_path, {"network": model, "optimizer": opt}, evaluator, "val_psnr").attach(trainer)
+    with pytest.raises(ValueError, match="lacks \\['optimizer'\\].*Move it"):
+        trainer.run(range(1), max_epochs=1)
+
+
+def test_training_history_writes_json_and_plot(tmp_path):
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer, evaluator = _trainer(model, opt, [1.0, 2.0])
+    TrainingHistory(tmp_path, opt, evaluator).attach(trainer)
+    trainer.run(range(2), max_epochs=2)
+    rows = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["val_psnr"] == 2.0 and rows[0]["lr"] == 0.1 and rows[1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_nonfinite_loss_skips_then_raises():
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+
+    def step(engine, batch):
+        loss = model(torch.ones(1, 1)).sum() * float("nan")
+        optimisation_step(engine, loss, opt, max_nonfinite=2, terms={"l1": float("nan")})
+
+    engine = Engine(step)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps.*learning rate"):
+        engine.run(range(5), max_epochs=1)
+    assert engine.state.iteration == 2
+    assert torch.equal(model.weight.detach(), before)
+
+
+def test_optimisation_step_clips_and_reports_norm():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = Engine(lambda e, b: None)
+    loss = (model(torch.ones(1, 1)) - 100.0).pow(2).sum()  # gradient -200
+    norm = optimisation_step(engine, loss, opt, grad_clip=1.0)
+    assert norm == pytest.approx(200.0)
+    assert float(model.weight) == pytest.approx(1.0, rel=1e-4)  # clipped to unit norm, lr 1
+
+
+@pytest.mark.parametrize("metric", ["psnr", "ssim", "mae"])
+def test_volume_metric_matches_compute_image_metrics(metric):
+    torch.manual_seed(1)
+    target_hu = torch.rand(2, 1, 16, 16, 16) * 1600 - 900
+    pred_hu = target_hu + torch.randn_like(target_hu) * 50
+    m = VolumeMetric(metric, window=(-1000, 1000), intensity_range=(-1000, 1000))
+    m.reset()
+    m.update((scale_hu(pred_hu), scale_hu(target_hu)))
+    expected = sum(compute_image_metrics(p, t, window=(-1000, 1000))[metric] for p, t in zip(pred_hu, target_hu)) / 2
+    assert m.compute() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        VolumeMetric("dice")
+
+
+def test_load_network_weights_errors(tmp_path):
+    net = nn.Linear(2, 3)
+    with pytest.raises(FileNotFoundError, match="missing.pt.*previous stage"):
+        load_network_weights(net, tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable"):
+        load_network_weights(net, tmp_path / "junk.pt")
+    atomic_torch_save({"network": nn.Linear(2, 4).state_dict(), "meta": {"stage": 1}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: weights do not fit"):
+        load_network_weights(net, tmp_path / "other.pt")
+    atomic_torch_save(nn.Linear(2, 3).state_dict(), tmp_path / "bare.pt")
+    assert load_network_weights(net, tmp_path / "bare.pt") == {}
+
+
+def test_amp_settings_and_trainable_parameters():
+    assert amp_settings("cpu", True) == (False, torch.float32, None)
+    net = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1))
+    net[0].requires_grad_(False)
+    assert len(trainable_parameters(net)) == 2
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        trainable_parameters(net)
