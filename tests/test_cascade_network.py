@@ -90,3 +90,20 @@ def test_network_input_errors():
         net(torch.rand(2, 32, 32), [g], aff)
     with pytest.raises(ValueError, match="multiple of the patch"):
         ProgressiveCascade(sizes=(10,), patch=4, **TINY)
+
+
+def test_refining_stage_starts_as_identity_on_the_previous_output():
+    from ctsynth.geometry import ProjectionGeometry
+
+    torch.manual_seed(0)
+    net = ProgressiveCascade(sizes=(8, 16, 32), encoder_channels=(4, 4, 4), hidden=16, depth=1, heads=2, patch=(4, 8, 16),
+                             stem_channels=4, xray_token_grid=2)
+    g = ProjectionGeometry(angles_deg=[0.0, 90.0], sid_mm=1000.0, sdd_mm=1200.0, detector_shape=(16, 16),
+                           pixel_spacing_mm=20.0, isocenter_mm=[0.0, 0.0, 0.0])
+    aff = torch.diag(torch.tensor([30.0, 30.0, 30.0, 1.0], dtype=torch.float64))
+    aff[:3, 3] = -105.0
+    with torch.no_grad():
+        outs = net(torch.rand(1, 2, 16, 16), [g], aff)
+    for k in (1, 2):
+        up = torch.nn.functional.interpolate(outs[k - 1], size=outs[k].shape[-3:], mode="trilinear", align_corners=False)
+        assert torch.allclose(outs[k], up, atol=1e-6)

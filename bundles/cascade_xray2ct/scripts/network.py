@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -23,9 +24,11 @@ from monai.networks.blocks import TransformerBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctsynth.geometry import ProjectionGeometry, voxel_world_coordinates
+from ctsynth.engine import load_network_weights
+from ctsynth.geometry import ProjectionGeometry, backproject_features
 
-__all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "CascadeStage", "ProgressiveCascade"]
+__all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "CascadeStage", "ProgressiveCascade",
+           "BackprojectionUNet", "prepare_stage"]
 
 
 def _conv2d_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -82,42 +85,6 @@ def rescale_affine(affine: torch.Tensor, from_shape: Sequence[int], to_shape: Se
     return out
 
 
-def backproject_features(
-    features: torch.Tensor,
-    geometries: Sequence[ProjectionGeometry],
-    affines: torch.Tensor,
-    grid_shape: Sequence[int],
-) -> torch.Tensor:
-    """Samples each view's feature map at every voxel's projection and fuses the views (mean, max).
-
-    Args:
-        features: (B, V, C, h, w) feature maps covering each view's full detector.
-        geometries: one geometry per batch item (V views, any detector size).
-        affines: (B, 4, 4) voxel -> RAS mm of the output grid.
-        grid_shape: (S0, S1, S2).
-
-    Returns:
-        (B, 2C, S0, S1, S2): mean over views, then max over views.
-    """
-    b, v, c = features.shape[:3]
-    if len(geometries) != b:
-        raise ValueError(f"need one geometry per batch item: {len(geometries)} for {b}")
-    out = []
-    for i, g in enumerate(geometries):
-        if g.num_views != v:
-            raise ValueError(f"geometry {i} has {g.num_views} views, the radiographs have {v}")
-        aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
-        world = voxel_world_coordinates(aff, grid_shape).reshape(-1, 3)
-        rc = g.to(features.device).project_points(world)  # V, N, 2 (row, col) in detector pixels
-        rows, cols = g.detector_shape
-        grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
-        sampled = F.grid_sample(features[i], grid[:, None].to(features.dtype), mode="bilinear",
-                                padding_mode="zeros", align_corners=False)  # V, C, 1, N
-        sampled = sampled[:, :, 0].reshape(v, c, *grid_shape)
-        out.append(torch.cat([sampled.mean(0), sampled.amax(0)], 0))
-    return torch.stack(out)
-
-
 class CascadeStage(nn.Module):
     """One resolution level of the cascade.
 
@@ -163,6 +130,11 @@ class CascadeStage(nn.Module):
             nn.Sequential(_conv3d_block(in_ch, stem_channels), nn.Conv3d(stem_channels, 1, 3, 1, 1))
             if detail_branch else None
         )
+        if refine:  # a refining stage starts as the identity on the upsampled previous output
+            for last in (self.head[-1], self.detail[-1] if self.detail is not None else None):
+                if last is not None:
+                    nn.init.zeros_(last.weight)
+                    nn.init.zeros_(last.bias)
 
     def xray_tokens(self, feats: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
         """(B, V*g*g, hidden) tokens from (B, V, C, h, w) features and (B, V) angles."""
@@ -246,6 +218,10 @@ class ProgressiveCascade(nn.Module):
         hidden_l, depth_l, heads_l, patch_l = (per_stage(v, k) for v, k in
                                                ((hidden, "hidden"), (depth, "depth"), (heads, "heads"), (patch, "patch")))
         ckpt = {n - 1} if checkpoint_stages is None else set(checkpoint_stages)
+        #: constructor arguments, stored with checkpoints so inference can rebuild the same network
+        self.config = {"sizes": [int(s) for s in sizes], "encoder_channels": list(encoder_channels), "hidden": hidden_l,
+                       "depth": depth_l, "heads": heads_l, "patch": patch_l, "stem_channels": stem_channels,
+                       "xray_token_grid": xray_token_grid}
         self.sizes = tuple(int(s) for s in sizes)
         self.encoder = XrayEncoder(encoder_channels)
         # encoder level per stage (0 = full resolution): the coarsest stage reads the 1/4-resolution features
@@ -262,7 +238,8 @@ class ProgressiveCascade(nn.Module):
         return len(self.stages)
 
     def freeze_stages(self, trainable_stage: int) -> None:
-        """Freezes the encoder and every stage before ``trainable_stage`` (0-based); the rest train.
+        """Only stage ``trainable_stage`` (0-based) trains; earlier stages are frozen (and kept in eval mode),
+        later ones are not run and frozen too (so DDP sees no unused trainable parameters).
 
         The encoder trains with stage 0 and is frozen afterwards, as the earlier stages that depend on it.
         """
@@ -272,7 +249,7 @@ class ProgressiveCascade(nn.Module):
             p.requires_grad_(trainable_stage == 0)
         for k, stage in enumerate(self.stages):
             for p in stage.parameters():
-                p.requires_grad_(k >= trainable_stage)
+                p.requires_grad_(k == trainable_stage)
         self._frozen_before = trainable_stage
 
     def train(self, mode: bool = True) -> ProgressiveCascade:
@@ -317,3 +294,72 @@ class ProgressiveCascade(nn.Module):
             bp = backproject_features(f, geometries, aff, (s, s, s))
             outputs.append(self.stages[k](bp, f, angles, outputs[-1] if k > 0 else None))
         return outputs
+
+
+class BackprojectionUNet(nn.Module):
+    """Baseline: the same X-ray encoder and back-projection, then a 3D U-Net with skip connections (MONAI
+    ``BasicUNet``) predicting one grid. Drop-in for :class:`ProgressiveCascade` (one stage).
+
+    Args:
+        size: output grid side (multiple of 16).
+        encoder_channels: X-ray encoder channels; the 1/4-resolution features are back-projected.
+        features: the six BasicUNet widths.
+    """
+
+    def __init__(self, size: int = 64, encoder_channels: Sequence[int] = (16, 32, 64),
+                 features: Sequence[int] = (16, 32, 64, 128, 256, 16)) -> None:
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        if size % 16:
+            raise ValueError(f"BackprojectionUNet needs a size divisible by 16 (four poolings), got {size}")
+        self.sizes = (int(size),)
+        self.config = {"size": int(size), "encoder_channels": list(encoder_channels), "features": list(features)}
+        self.encoder = XrayEncoder(encoder_channels)
+        self.unet = BasicUNet(spatial_dims=3, in_channels=2 * encoder_channels[2], out_channels=1,
+                              features=tuple(features), norm=("group", {"num_groups": 4}))
+
+    @property
+    def num_stages(self) -> int:
+        return 1
+
+    def freeze_stages(self, trainable_stage: int) -> None:
+        if trainable_stage != 0:
+            raise ValueError("BackprojectionUNet has a single stage (stage 1)")
+
+    def forward(self, xrays: torch.Tensor, geometries: Sequence[ProjectionGeometry], affine: torch.Tensor,
+                up_to_stage: int | None = None) -> list[torch.Tensor]:
+        """Same contract as :meth:`ProgressiveCascade.forward`; returns a one-element list."""
+        if isinstance(geometries, ProjectionGeometry):
+            geometries = [geometries] * xrays.shape[0]
+        affine = torch.as_tensor(affine, dtype=torch.float64, device=xrays.device)
+        if affine.ndim == 2:
+            affine = affine.expand(xrays.shape[0], 4, 4)
+        f = self.encoder(xrays)[2]
+        s = self.sizes[0]
+        return [self.unet(backproject_features(f, geometries, affine, (s, s, s)))]
+
+
+def prepare_stage(network: nn.Module, stage: int, init_checkpoint: str | None = None,
+                  device: torch.device | str = "cpu") -> nn.Module:
+    """Readies ``network`` for training stage ``stage`` (1-based): loads ``init_checkpoint`` (the previous
+    stage's best ``model.pt``) when given, freezes all but that stage and moves it to ``device``.
+
+    Raises:
+        ValueError: stage outside the network's stages, or a later stage without the previous stage's weights;
+        FileNotFoundError: missing checkpoint.
+    """
+    n = getattr(network, "num_stages", 1)
+    if not 1 <= int(stage) <= n:
+        raise ValueError(f"stage must be in 1..{n} for this network, got {stage}")
+    if init_checkpoint:
+        meta = load_network_weights(network, init_checkpoint)
+        done = meta.get("stage")
+        if done is not None and int(done) != int(stage) - 1:
+            logging.getLogger(__name__).warning("%s holds stage %s weights; training stage %s from them",
+                                                init_checkpoint, done, stage)
+    elif int(stage) > 1:
+        raise ValueError(f"stage {stage} refines stage {int(stage) - 1}: set init_checkpoint to that stage's best "
+                         f"weights (models/stage{int(stage) - 1}/model.pt)")
+    network.freeze_stages(int(stage) - 1)
+    return network.to(device)
