@@ -88,7 +88,7 @@ def test_prepare_xray2ct(tmp_path, capsys):
     (tmp_path / "ct" / "broken.nii.gz").write_bytes(b"not a nifti")
     capsys.readouterr()
     main(["prepare", "xray2ct", "--ct", str(tmp_path / "ct" / "*.nii.gz"), "--out", str(tmp_path / "data"),
-          "--views", "4", "--sizes", "8", "16", "--xray-size", "32"])
+          "--views", "4", "--sizes", "8", "16", "--xray-size", "32", "--remove-table"])
     report = _json_out(capsys)
     assert report["prepared"] == 4 and report["skipped"][0]["source"].endswith("broken.nii.gz")
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
@@ -97,6 +97,19 @@ def test_prepare_xray2ct(tmp_path, capsys):
     cube = load_volume(tmp_path / "data" / case["image_16"])
     assert cube.shape == (1, 16, 16, 16) and float(cube.affine[0, 0]) == pytest.approx(case["fov_mm"] / 16)
     assert len(case["xrays"]) == 4 and datalist["meta"]["views_deg"] == [0.0, 45.0, 90.0, 135.0]
+    assert datalist["meta"]["table_removal"] is True
+    rec = json.loads((tmp_path / "data" / case["geometry"]).read_text())["reconstruction"]
+    assert rec["fov_mm"] == pytest.approx(case["fov_mm"]) and len(rec["center_mm"]) == 3
     # the split does not depend on input order
     ids = [f"case{i}" for i in range(20)]
     assert deterministic_split(ids, seed=1) == deterministic_split(ids[::-1], seed=1)
+
+
+def test_cli_bench_cascade_small(tmp_path, capsys):
+    main(["bench", "cascade", "--small", "--sizes", "16", "24", "32", "--stages", "1", "3", "--batch", "1",
+          "--xray-size", "32", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    res = _json_out(capsys)
+    assert [s["stage"] for s in res["stages"]] == [1, 3] and res["stages"][1]["size"] == 32
+    assert res["stages"][1]["losses"] == ["drr", "grad", "l1", "ssim", "vgg"]
+    assert res["stages"][0]["step_s"]["median_s"] > 0 and res["stages"][0]["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["benchmark"] == "cascade"

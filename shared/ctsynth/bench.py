@@ -118,3 +118,89 @@ def write_json(result: dict[str, Any], out: str | Path | None) -> str:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
+
+
+#: loss weights per cascade stage (the bundle's train.json / stage2.json / stage3.json)
+CASCADE_STAGE_LOSSES = (
+    {"l1": 1.0, "ssim": 0.5},
+    {"l1": 1.0, "ssim": 0.5, "vgg": 0.1},
+    {"l1": 1.0, "ssim": 0.5, "vgg": 0.1, "grad": 0.2, "drr": 0.3},
+)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB (process peak RSS)
+
+
+def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] | None = None, batch: int | Sequence[int] = 2,
+                  xray_size: int = 512, views: int = 2, repeats: int = 3, device: str = "cpu", amp: bool = False,
+                  network: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Training-step time and peak memory of each cascade stage (that stage's losses, earlier stages frozen).
+
+    Uses the bundle's network (default widths of its train.json unless ``network`` overrides them), random
+    radiographs, a phantom-sized field of view and the stage's loss (VGG randomly initialised).
+    On GPU the peak is ``torch.cuda.max_memory_allocated``; on CPU the process peak RSS (an upper bound).
+    """
+    import contextlib
+
+    from ctsynth.bundles import bundle_root
+    from ctsynth.engine import amp_settings, trainable_parameters
+    from ctsynth.geometry import cube_affine
+    from ctsynth.losses import CompositeLoss
+
+    bundle_root("cascade_xray2ct")
+    from scripts.network import ProgressiveCascade, rescale_affine  # the bundle's network
+
+    sizes = [int(s) for s in sizes]
+    stages = list(stages) if stages is not None else list(range(1, len(sizes) + 1))
+    batches = [int(b) for b in batch] if isinstance(batch, (list, tuple)) else [int(batch)]
+    if len(batches) == 1:
+        batches = batches * len(stages)
+    if len(batches) != len(stages):
+        raise ValueError(f"give one batch size, or one per stage ({len(stages)}), got {batches}")
+    kwargs = {"sizes": sizes, **(network or {})}
+    torch.manual_seed(0)
+    net = ProgressiveCascade(**kwargs).to(device)
+    fov = 384.0
+    geom = ProjectionGeometry(angles_deg=[180.0 * v / views for v in range(views)], sid_mm=1000.0, sdd_mm=1200.0,
+                              detector_shape=(xray_size, xray_size), pixel_spacing_mm=fov * 1.15 * 1.2 / xray_size,
+                              isocenter_mm=[0.0, 0.0, 0.0]).to(device)
+    aff0 = cube_affine(sizes[0], fov, [0.0, 0.0, 0.0]).to(device)
+    enabled, dtype, scaler = amp_settings(device, amp)
+    result: dict[str, Any] = {"benchmark": "cascade", "sizes": sizes, "views": views, "xray_size": xray_size,
+                              "amp": enabled, "amp_dtype": str(dtype), "machine": machine_info(device), "stages": []}
+    for stage, b in zip(stages, batches):
+        s = sizes[stage - 1]
+        net.freeze_stages(stage - 1)
+        net.train()
+        loss_fn = CompositeLoss(CASCADE_STAGE_LOSSES[stage - 1], vgg_random_init=True).to(device)
+        opt = torch.optim.AdamW(trainable_parameters(net), lr=1e-5)
+        xr = torch.rand(b, views, xray_size, xray_size, device=device)
+        target = torch.rand(b, 1, s, s, s, device=device)
+        aff = rescale_affine(aff0, (sizes[0],) * 3, (s,) * 3).to(device)
+        ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if enabled else contextlib.nullcontext
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with ctx():
+                pred = net(xr, [geom] * b, aff0, up_to_stage=stage - 1)[-1].float()
+            loss = loss_fn(pred, target, affine=aff, geometry=[geom] * b)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        timing = time_call(step, repeats=repeats, warmup=1, device=device)
+        result["stages"].append({"stage": stage, "size": s, "batch": b, "losses": sorted(CASCADE_STAGE_LOSSES[stage - 1]),
+                                 "step_s": timing, "peak_memory_mb": _peak_memory_mb(device),
+                                 "trainable_parameters": sum(p.numel() for p in trainable_parameters(net))})
+    return result

@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 
 logger = logging.getLogger("ctsynth")
-_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles")
+_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -67,16 +67,40 @@ class Bench:
         sys.stdout.write(write_json(res, out) + "\n")
 
 
+    def cascade(self, sizes: Any = (64, 128, 256), stages: Any = None, batch: Any = 2, xray_size: int = 512,
+                views: int = 2, repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False,
+                out: str | None = None) -> None:
+        """Training-step time and peak memory per cascade stage (the bundle's network and stage losses).
+
+        ``--small`` uses the demo's widths (for CPU smoke runs); the default is the bundle's full network.
+        On a GPU: ``ctsynth bench cascade --device cuda --amp --stages 3 --batch 2`` (target: <= 24 GB).
+        """
+        from ctsynth.bench import bench_cascade, write_json
+
+        network = None
+        if small:
+            from ctsynth.demo import CASCADE_DEMO_NETWORK
+
+            network = {k.split("#", 1)[1]: v for k, v in CASCADE_DEMO_NETWORK.items()}
+        res = bench_cascade(_tuple(sizes), None if stages is None else _tuple(stages), batch if isinstance(batch, int)
+                            else _tuple(batch), xray_size, views, repeats, device, amp, network)
+        sys.stdout.write(write_json(res, out) + "\n")
+
+
 class Prepare:
     """Dataset preparation per bundle; each writes a MONAI datalist and a report of skipped inputs."""
 
     def xray2ct(self, ct: Any, out: str, views: Any = 2, sizes: Any = (64, 128, 256), xray_size: int = 512,
-                sid: float = 1000.0, sdd: float = 1200.0, seed: int = 0) -> None:
-        """CTs (NIfTI, DICOM folders or zips; paths or globs) -> cubes per stage size, radiographs, geometry, datalist."""
+                sid: float = 1000.0, sdd: float = 1200.0, seed: int = 0, remove_table: bool = False) -> None:
+        """CTs (NIfTI, DICOM folders or zips; paths or globs) -> cubes per stage size, radiographs, geometry, datalist.
+
+        ``--remove-table`` sets everything outside the body (table, cushions) to air first.
+        """
         from ctsynth.prepare import prepare_xray2ct
 
         ct_list = list(ct) if isinstance(ct, (list, tuple)) else [str(ct)]
-        _emit(prepare_xray2ct(ct_list, out, views, _tuple(sizes), xray_size, sid_mm=sid, sdd_mm=sdd, seed=seed))
+        _emit(prepare_xray2ct(ct_list, out, views, _tuple(sizes), xray_size, sid_mm=sid, sdd_mm=sdd, seed=seed,
+                              table_removal=remove_table))
 
 
 class CLI:
@@ -92,6 +116,27 @@ class CLI:
 
         res = run_demo(out, bundle, n=n, seed=seed)
         _emit({name: str(Path(out) / name / "metrics.json") for name in res})
+
+    def reconstruct(self, *xrays: str, geometry: str, out: str, checkpoint: str | None = None,
+                    ground_truth: str | None = None, save_stages: bool = False, fov_mm: float | None = None,
+                    preview: bool = True, device: str | None = None) -> None:
+        """Radiographs (one per view, in the geometry's order; NIfTI, PNG/TIFF 8/16-bit or DICOM) -> CT NIfTI.
+
+        Runs the cascade_xray2ct bundle's inference with the network stored in ``--checkpoint`` (default:
+        the bundle's models/model.pt). Writes OUT, OUT's .png preview and .json report (re-projection PSNR,
+        and metrics against ``--ground-truth`` when given); ``--save-stages`` writes every stage's output.
+        """
+        from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+
+        if not xrays:
+            raise ValueError("give the radiographs: ctsynth reconstruct AP LATERAL [...] --geometry G.json --out CT.nii.gz")
+        ckpt = checkpoint or str(Path(bundle_root("cascade_xray2ct")) / "models" / "model.pt")
+        overrides = {"checkpoint": ckpt, "xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
+                     "ground_truth": ground_truth, "save_stages": save_stages, "fov_mm": fov_mm, "preview": preview,
+                     **network_overrides(ckpt)}
+        if device:
+            overrides["device"] = f"$torch.device({device!r})"
+        _emit(run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides)[0])
 
     def phantom(self, out_dir: str, n: int = 1, shape: Any = (128, 128, 128), spacing: Any = 3.0,
                 contrast: bool = False, emboli: float = 0.0, format: str = "nifti", seed: int = 0,
