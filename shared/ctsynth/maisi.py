@@ -1,0 +1,205 @@
+"""The MAISI CT autoencoder: the released architecture, weight loading, normalisation, and whole-volume
+encoding/decoding with bounded memory.
+
+The released autoencoder (MONAI ``AutoencoderKlMaisi`` with :data:`MAISI_AUTOENCODER_ARGS`: 20,944,897
+parameters in 130 tensors) compresses 4x along every axis into 4 latent channels, and expects HU clipped
+to [-1000, 1000] and scaled to [0, 1] (:func:`ct_to_unit`). No weights are downloaded: pass the file.
+
+:class:`LatentCodec` encodes and decodes volumes of any depth in overlapping chunks along depth, so peak
+memory depends on the chunk, not on the number of slices; sizes are padded to multiples of 4 and cropped
+back, never truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctsynth.transforms import scale_hu, unscale_hu
+
+__all__ = ["MAISI_AUTOENCODER_ARGS", "MAISI_WINDOW", "MAISI_DOWNSAMPLE", "build_maisi_autoencoder",
+           "load_maisi_autoencoder", "ct_to_unit", "unit_to_ct", "LatentCodec"]
+
+logger = logging.getLogger(__name__)
+
+#: constructor arguments of the released MAISI CT autoencoder (MONAI model zoo ``maisi_ct_generative``)
+MAISI_AUTOENCODER_ARGS: dict[str, Any] = {
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4,
+    "num_channels": [64, 128, 256], "num_res_blocks": [2, 2, 2], "norm_num_groups": 32, "norm_eps": 1e-6,
+    "attention_levels": [False, False, False], "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False, "use_checkpointing": False, "use_convtranspose": False,
+    "norm_float16": True, "num_splits": 8, "dim_split": 1,
+}
+#: HU window MAISI normalises to [0, 1]
+MAISI_WINDOW = (-1000.0, 1000.0)
+#: spatial compression per axis
+MAISI_DOWNSAMPLE = 4
+
+
+def ct_to_unit(hu: torch.Tensor) -> torch.Tensor:
+    """HU -> [0, 1] as MAISI expects ([-1000, 1000] clipped)."""
+    return scale_hu(hu, MAISI_WINDOW, clip=True)
+
+
+def unit_to_ct(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> HU (inverse of :func:`ct_to_unit` inside the window)."""
+    return unscale_hu(x.clamp(0.0, 1.0), MAISI_WINDOW)
+
+
+def build_maisi_autoencoder(**overrides: Any) -> nn.Module:
+    """``AutoencoderKlMaisi`` with the released arguments, ``overrides`` applied (e.g. smaller widths for tests
+    and demos; the state-dict key layout depends only on the block counts, not on the widths).
+
+    ``norm_float16`` is turned off on CPU, where it fails in float32.
+    """
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    unknown = sorted(set(overrides) - set(MAISI_AUTOENCODER_ARGS))
+    if unknown:
+        raise ValueError(f"unknown MAISI autoencoder arguments {unknown}; known: {sorted(MAISI_AUTOENCODER_ARGS)}")
+    args = {**MAISI_AUTOENCODER_ARGS, **overrides}
+    if args["norm_float16"] and not torch.cuda.is_available():
+        args["norm_float16"] = False
+    return AutoencoderKlMaisi(**args)
+
+
+def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | torch.device = "cpu",
+                           **overrides: Any) -> nn.Module:
+    """Builds the autoencoder and loads weights from ``path`` (``.pt``/``.pth`` state dict, possibly nested under
+    ``state_dict``/``model``/``network``, or ``.safetensors``), frozen and in eval mode.
+
+    Logs how many tensors were loaded out of how many.
+
+    Raises:
+        FileNotFoundError: no such file (with where the weights come from).
+        ValueError: missing or unexpected keys (listed), or mismatching shapes.
+    """
+    from ctsynth.losses import load_state_dict_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MAISI autoencoder weights not found: {path}. Download `autoencoder_epoch273.pt` from the MONAI model "
+            "zoo bundle maisi_ct_generative on a machine with internet access and pass its path, or train one with "
+            "the bundle's train_autoencoder.json"
+        )
+    state = load_state_dict_file(path)  # unwraps state_dict / model / network containers
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    net = build_maisi_autoencoder(**overrides)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{path}: not a MAISI autoencoder state dict with the released layout: {len(missing)} missing keys "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"{path}: {len(bad)} tensors differ in shape, e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"network {tuple(expected[k].shape)}; the constructor arguments differ from the file's")
+    net.load_state_dict(state, strict=strict)
+    loaded = sum(1 for k in expected if k in state)
+    logger.info("MAISI autoencoder: loaded %d/%d tensors from %s", loaded, len(expected), path)
+    net.loaded_tensors = (loaded, len(expected))
+    return net.to(device).eval().requires_grad_(False)
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pads the last three axes at their end to multiples of ``multiple`` (edge values)."""
+    size = x.shape[-3:]
+    pads = [(-s) % multiple for s in size]
+    if any(pads):
+        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+    return x, tuple(size)
+
+
+class LatentCodec:
+    """Encodes (B, 1, X, Y, Z) volumes in [0, 1] to (B, C, X/4, Y/4, Z/4) latents and back, window by window.
+
+    Both directions run MONAI's sliding-window inference with windows of ``chunk`` slices along depth (and
+    ``tile`` voxels in-plane when given) overlapping by ``overlap`` and blended with Gaussian weights, so peak
+    memory is that of one window whatever the depth. Sizes are padded to multiples of 4 (replicating the
+    edge) and decoded volumes cropped back to the input size. As in MAISI's own inference, each window's
+    group-norm statistics are its own: results approach a whole-volume pass as windows and overlap grow
+    (identical when one window covers the volume).
+
+    Args:
+        autoencoder: a MAISI-architecture autoencoder (``encode`` -> (mu, sigma), ``decode``).
+        chunk: slices per window (multiple of 4).
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        tile: in-plane window side (multiple of 4); None: the whole slice.
+        scale_factor: latents are multiplied by it after encoding and divided before decoding (diffusion
+            models want unit-variance latents; estimate it with :meth:`estimate_scale_factor`).
+    """
+
+    def __init__(self, autoencoder: nn.Module, chunk: int = 64, overlap: float = 0.25, tile: int | None = None,
+                 scale_factor: float = 1.0) -> None:
+        if chunk <= 0 or chunk % MAISI_DOWNSAMPLE or (tile is not None and (tile <= 0 or tile % MAISI_DOWNSAMPLE)):
+            raise ValueError(f"chunk ({chunk}) and tile ({tile}) must be positive multiples of 4")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+        self.ae, self.chunk, self.overlap, self.tile = autoencoder, int(chunk), float(overlap), tile
+        self.scale_factor = float(scale_factor)
+
+    def _roi(self, shape: Sequence[int], factor: int = 1) -> tuple[int, int, int]:
+        x, y, z = shape
+        t = x if self.tile is None else min(x, self.tile // factor)
+        u = y if self.tile is None else min(y, self.tile // factor)
+        return (t, u, min(z, self.chunk // factor))
+
+    def _sliding(self, x: torch.Tensor, roi: Sequence[int], fn) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=1, predictor=fn, overlap=self.overlap,
+                                        mode="gaussian", padding_mode="replicate", progress=False)
+
+    @torch.no_grad()
+    def encode(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) in [0, 1] -> (B, C, ceil(X/4), ceil(Y/4), ceil(Z/4)) posterior means x scale_factor."""
+        if volume.ndim != 5 or volume.shape[1] != 1:
+            raise ValueError(f"expected a (B, 1, X, Y, Z) volume, got {tuple(volume.shape)}")
+        x, _ = _pad_to(torch.as_tensor(volume).float(), MAISI_DOWNSAMPLE)
+        z = self._sliding(x, self._roi(x.shape[-3:]), lambda t: self.ae.encode(t)[0])
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, C, x, y, z) latents -> (B, 1, 4x, 4y, 4z) volumes, cropped to ``size`` (X, Y, Z) when given."""
+        if latent.ndim != 5:
+            raise ValueError(f"expected (B, C, x, y, z) latents, got {tuple(latent.shape)}")
+        z = torch.as_tensor(latent).float() / self.scale_factor
+        out = self._sliding(z, self._roi(z.shape[-3:], MAISI_DOWNSAMPLE), self.ae.decode)
+        if size is not None:
+            sx, sy, sz = (int(s) for s in size)
+            if sx > out.shape[-3] or sy > out.shape[-2] or sz > out.shape[-1]:
+                raise ValueError(f"cannot crop {tuple(out.shape[-3:])} to the larger {tuple(size)}")
+            out = out[..., :sx, :sy, :sz]
+        return out
+
+    def reconstruct(self, volume: torch.Tensor) -> torch.Tensor:
+        """Encode then decode (the autoencoder's ceiling for anything working in its latent space)."""
+        return self.decode(self.encode(volume), volume.shape[-3:])
+
+    @torch.no_grad()
+    def estimate_scale_factor(self, volumes: Sequence[torch.Tensor]) -> float:
+        """``1 / std`` of the (unscaled) latents of ``volumes``; sets and returns it."""
+        old, self.scale_factor = self.scale_factor, 1.0
+        try:
+            latents = torch.cat([self.encode(v).flatten() for v in volumes])
+        finally:
+            self.scale_factor = old
+        std = float(latents.std())
+        if not math.isfinite(std) or std <= 0:
+            raise ValueError(f"latent standard deviation is {std}; cannot scale (are the volumes constant?)")
+        self.scale_factor = 1.0 / std
+        return self.scale_factor
