@@ -103,6 +103,14 @@ class Prepare:
                               table_removal=remove_table))
 
 
+    def slice_interp(self, studies: str, out: str, seed: int = 0) -> None:
+        """STUDIES/<category>/<patient>(.zip) with thick and thin DICOM series -> aligned NIfTI pairs, datalist
+        (75/15/10 split stratified by category) and a report of skipped studies."""
+        from ctsynth.prepare import prepare_slice_interp
+
+        _emit(prepare_slice_interp(studies, out, seed=seed))
+
+
 class CLI:
     """ctsynth: synthesise CT where a full scan is missing."""
 

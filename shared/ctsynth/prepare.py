@@ -27,7 +27,8 @@ from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, volu
                               voxel_world_coordinates)
 from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
 
-__all__ = ["deterministic_split", "resample_to_cube", "remove_table", "expand_inputs", "prepare_xray2ct", "load_datalist"]
+__all__ = ["deterministic_split", "resample_to_cube", "remove_table", "expand_inputs", "prepare_xray2ct", "load_datalist",
+           "slice_spacing_mm", "resample_to_grid", "align_thick_thin", "pick_thick_thin", "prepare_slice_interp"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
@@ -243,3 +244,159 @@ def load_datalist(path: str | Path, split: str = "training", check_files: bool =
                                                     "exist; re-run `ctsynth prepare` or fix the datalist")
         out.append(e)
     return out
+
+
+# ------------------------------------------------------------------------------------- slice interpolation
+def slice_spacing_mm(volume: MetaTensor) -> float:
+    """Distance (mm) between consecutive slices (the third voxel axis) from the affine."""
+    return float(torch.linalg.norm(torch.as_tensor(volume.affine, dtype=torch.float64)[:3, 2]))
+
+
+def resample_to_grid(volume: MetaTensor, affine: torch.Tensor, shape: Sequence[int], fill_hu: float = -1024.0) -> MetaTensor:
+    """Trilinear resampling of a (1, S0, S1, S2) HU volume onto another grid (world RAS mm); outside is ``fill_hu``."""
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    src_inv = torch.linalg.inv(torch.as_tensor(volume.affine, dtype=torch.float64))
+    world = voxel_world_coordinates(aff, shape)
+    vox = world @ src_inv[:3, :3].T + src_inv[:3, 3]
+    size = torch.tensor(volume.shape[1:], dtype=torch.float64)
+    grid = (vox / (size - 1).clamp_min(1) * 2 - 1).flip(-1).float()[None]
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    out = F.grid_sample((data - fill_hu)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    return MetaTensor(out + fill_hu, affine=aff)
+
+
+def align_thick_thin(thick: MetaTensor, thin: MetaTensor, tolerance_mm: float = 0.05) -> tuple[MetaTensor, MetaTensor]:
+    """Puts a thick and a thin series of one study on a shared in-plane grid and crops both to their overlap.
+
+    The thin series' in-plane grid wins (the thick one is resampled onto it when grids differ by more than
+    ``tolerance_mm``). Both are cropped along the slice axis to the world range they share: the thin series to
+    the span between the first and last thick slice centres that lie inside the thin coverage.
+
+    Raises:
+        ValueError: slice axes not parallel, or no overlap (with both ranges).
+    """
+    at, an = (torch.as_tensor(v.affine, dtype=torch.float64) for v in (thick, thin))
+    dt, dn = at[:3, 2] / at[:3, 2].norm(), an[:3, 2] / an[:3, 2].norm()
+    if float(torch.dot(dt, dn)) < 0.999:
+        raise ValueError("thick and thin series are not stacked along the same direction (different orientation)")
+    # positions of slice centres along the slice direction
+    pos_t = float(torch.dot(at[:3, 3], dn)) + torch.arange(thick.shape[3], dtype=torch.float64) * float(torch.dot(at[:3, 2], dn))
+    pos_n = float(torch.dot(an[:3, 3], dn)) + torch.arange(thin.shape[3], dtype=torch.float64) * float(torch.dot(an[:3, 2], dn))
+    lo, hi = max(float(pos_t.min()), float(pos_n.min())), min(float(pos_t.max()), float(pos_n.max()))
+    eps = 1e-3
+    keep_t = torch.nonzero((pos_t >= lo - eps) & (pos_t <= hi + eps)).flatten()
+    if len(keep_t) < 2:
+        raise ValueError(f"thick slices {float(pos_t.min()):.1f}..{float(pos_t.max()):.1f} mm and thin slices "
+                         f"{float(pos_n.min()):.1f}..{float(pos_n.max()):.1f} mm overlap by fewer than 2 thick slices")
+    t0, t1 = int(keep_t.min()), int(keep_t.max())
+    zlo, zhi = float(pos_t[t0]), float(pos_t[t1])
+    keep_n = torch.nonzero((pos_n >= zlo - eps) & (pos_n <= zhi + eps)).flatten()
+    n0, n1 = int(keep_n.min()), int(keep_n.max())
+    thin_c = MetaTensor(thin.as_tensor()[..., n0:n1 + 1], affine=an.clone())
+    thin_c.affine[:3, 3] = an[:3, 3] + n0 * an[:3, 2]
+    thick_c = MetaTensor(thick.as_tensor()[..., t0:t1 + 1], affine=at.clone())
+    thick_c.affine[:3, 3] = at[:3, 3] + t0 * at[:3, 2]
+    in_plane_same = (tuple(thick.shape[1:3]) == tuple(thin.shape[1:3])
+                     and torch.allclose(at[:3, :2], an[:3, :2], atol=1e-4)
+                     and float((at[:3, 3] - an[:3, 3] - torch.dot(at[:3, 3] - an[:3, 3], dn) * dn).norm()) <= tolerance_mm)
+    if not in_plane_same:
+        target = torch.as_tensor(thick_c.affine, dtype=torch.float64).clone()
+        target[:3, :2] = an[:3, :2]
+        shift = thick_c.affine[:3, 3] - an[:3, 3]
+        target[:3, 3] = an[:3, 3] + torch.dot(shift, dn) * dn  # thin in-plane origin, thick slice positions
+        logger.info("resampling the thick series onto the thin series' in-plane grid")
+        thick_c = resample_to_grid(thick_c, target, (thin.shape[1], thin.shape[2], thick_c.shape[3]))
+    return thick_c, thin_c
+
+
+def _study_series(study: Path) -> list[tuple[Any, MetaTensor]]:
+    """Every readable CT series of one study (folder or zip) with its volume; unreadable ones are logged."""
+    import tempfile
+
+    from ctsynth.io import find_dicom_series, read_dicom_series, safe_extract_zip
+
+    def read_all(root: Path) -> list[tuple[Any, MetaTensor]]:
+        out = []
+        for info in find_dicom_series(root):
+            if info.modality and info.modality.upper() != "CT":
+                continue
+            try:
+                out.append((info, read_dicom_series(info.files)))
+            except VolumeReadError as e:
+                logger.warning("%s: series %s unusable: %s", study, info.summary(), e)
+        return out
+
+    if study.suffix.lower() == ".zip":
+        with tempfile.TemporaryDirectory(prefix="ctsynth_study_") as tmp:
+            safe_extract_zip(study, tmp)
+            return read_all(Path(tmp))
+    return read_all(study)
+
+
+def pick_thick_thin(series: Sequence[tuple[Any, MetaTensor]], min_ratio: float = 1.5,
+                    min_slices: int = 4) -> tuple[MetaTensor, MetaTensor]:
+    """The thickest and the thinnest series by computed slice spacing (never by name or SliceThickness).
+
+    Raises:
+        ValueError: fewer than two usable series, or spacings too close to call one thick (ratio < ``min_ratio``).
+    """
+    usable = [(i, v) for i, v in series if v.shape[3] >= min_slices]
+    if len(usable) < 2:
+        raise ValueError(f"needs two CT series (thick and thin) with >= {min_slices} slices, found {len(usable)}")
+    ranked = sorted(usable, key=lambda iv: slice_spacing_mm(iv[1]))
+    thin, thick = ranked[0][1], ranked[-1][1]
+    st, sn = slice_spacing_mm(thick), slice_spacing_mm(thin)
+    if st / sn < min_ratio:
+        raise ValueError(f"slice spacings {sorted(round(slice_spacing_mm(v), 3) for _, v in usable)} mm: no series is "
+                         f"at least {min_ratio}x thicker than another")
+    return thick, thin
+
+
+def prepare_slice_interp(studies: str | Path, out: str | Path, fractions: Sequence[float] = (0.75, 0.15, 0.10),
+                         seed: int = 0) -> dict[str, Any]:
+    """Builds the slice_interp_ldm dataset from ``STUDIES/<category>/<patient>(.zip)``.
+
+    For each patient: every CT series is read, the thickest and thinnest (by computed spacing) are paired,
+    put on the thin in-plane grid, cropped to their shared z range and written as
+    ``OUT/cases/<category>/<patient>/thick.nii.gz`` and ``thin.nii.gz``; ``OUT/datalist.json`` holds a
+    deterministic split stratified by category, ``OUT/report.json`` every skipped study with its reason.
+    """
+    studies, out = Path(studies), Path(out)
+    if not studies.is_dir():
+        raise FileNotFoundError(f"{studies}: expected a folder of category folders (e.g. APE/, non-APE/) holding one "
+                                "zip or folder per patient")
+    items = [(cat.name, p) for cat in sorted(studies.iterdir()) if cat.is_dir()
+             for p in sorted(cat.iterdir()) if p.is_dir() or p.suffix.lower() == ".zip"]
+    if not items:
+        raise FileNotFoundError(f"{studies}: no <category>/<patient> folders or zips found")
+    entries, skipped = [], []
+    for category, study in tqdm(items, desc="prepare slice-interp", unit="study"):
+        pid = _case_id(study)
+        try:
+            thick, thin = pick_thick_thin(_study_series(study))
+            thick, thin = align_thick_thin(thick, thin)
+            case_dir = out / "cases" / category / pid
+            save_nifti(thick, case_dir / "thick.nii.gz")
+            save_nifti(thin, case_dir / "thin.nii.gz")
+            entries.append({"id": f"{category}/{pid}", "category": category, "source": str(study),
+                            "thick": str(Path("cases") / category / pid / "thick.nii.gz"),
+                            "thin": str(Path("cases") / category / pid / "thin.nii.gz"),
+                            "thick_spacing_mm": slice_spacing_mm(thick), "thin_spacing_mm": slice_spacing_mm(thin),
+                            "thin_slices": int(thin.shape[3])})
+        except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
+            logger.warning("skipping %s: %s", study, e)
+            skipped.append({"source": str(study), "category": category, "reason": str(e)})
+    if not entries:
+        raise ValueError(f"none of the {len(items)} studies could be used:\n" +
+                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
+    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=[e["category"] for e in entries])
+    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
+    datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, "stratified_by": "category",
+                        "categories": sorted({e["category"] for e in entries})}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
+              "per_category": {c: sum(e["category"] == c for e in entries) for c in datalist["meta"]["categories"]}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
