@@ -1,0 +1,246 @@
+"""Thick -> thin slice interpolation without diffusion: classical baselines and a fast learned refiner.
+
+* :func:`interpolate_slices`: linear or cubic interpolation along the slice axis onto any spacing, with
+  the affine of the new grid (slice centres keep their world positions).
+* :func:`degrade_along`: thick-slab simulation along any axis (slab average, then interpolation back),
+  the degradation the refiner learns to undo.
+* :class:`SliceRefiner`: a 2D residual U-Net (MONAI ``BasicUNet``) applied to the planes that contain
+  the slice axis (coronal and sagittal), on top of cubic interpolation.
+* :func:`fit_refiner`: trains it from (degraded, sharp) volume pairs, either paired thick/thin data or,
+  self-supervised (SMORE-style), the thick volume's own in-plane detail degraded along x and y with the
+  thick slice profile (:func:`self_supervised_pairs`).
+* :func:`refine_volume`: applies a trained refiner to a cubic-interpolated volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctsynth.phantoms import slab_average
+from ctsynth.transforms import scale_hu, unscale_hu
+
+__all__ = ["INTERPOLATION_MODES", "interpolate_slices", "degrade_along", "self_supervised_pairs", "paired_pairs",
+           "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner"]
+
+logger = logging.getLogger(__name__)
+INTERPOLATION_MODES = ("linear", "cubic")
+
+
+def _resample_axis(data: torch.Tensor, axis: int, positions: torch.Tensor, mode: str) -> torch.Tensor:
+    """Samples (X, Y, Z) ``data`` along ``axis`` at fractional voxel ``positions`` (other axes unchanged).
+
+    ``linear``: two-tap; ``cubic``: Catmull-Rom (Keys, a = -0.5, which reproduces quadratics), edges clamped.
+    """
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(f"mode must be one of {INTERPOLATION_MODES}, got {mode!r}")
+    d = data.movedim(axis, -1)
+    n = d.shape[-1]
+    p = positions.to(torch.float64).clamp(0, n - 1)
+    i = torch.floor(p).long().clamp(max=max(n - 2, 0))
+    t = (p - i).to(d.dtype)
+    if mode == "linear":
+        taps, weights = [i, i + 1], [1 - t, t]
+    else:
+        t2, t3 = t * t, t * t * t
+        taps = [i - 1, i, i + 1, i + 2]
+        weights = [-0.5 * t3 + t2 - 0.5 * t, 1.5 * t3 - 2.5 * t2 + 1, -1.5 * t3 + 2 * t2 + 0.5 * t, 0.5 * t3 - 0.5 * t2]
+    out = sum(w * d[..., k.clamp(0, n - 1)] for k, w in zip(taps, weights))
+    return out.movedim(-1, axis)
+
+
+def interpolate_slices(volume: MetaTensor, spacing_mm: float | None = None, factor: float | None = None,
+                       mode: str = "cubic", axis: int = 2) -> MetaTensor:
+    """Resamples a (1, X, Y, Z) volume along ``axis`` to ``spacing_mm`` (or ``factor`` times more slices).
+
+    The first output slice sits on the first input slice; the output covers the input's span (the last
+    input slice is hit exactly when the spacings divide). Cubic is Catmull-Rom (Keys, a = -0.5), clamped at
+    the borders.
+
+    Returns:
+        (1, X, Y, Z') MetaTensor with the new affine.
+    """
+    if (spacing_mm is None) == (factor is None):
+        raise ValueError("give exactly one of spacing_mm and factor")
+    aff = torch.as_tensor(getattr(volume, "affine", torch.eye(4)), dtype=torch.float64)
+    step_in = float(aff[:3, axis].norm())
+    step_out = float(spacing_mm) if spacing_mm is not None else step_in / float(factor)
+    if step_out <= 0:
+        raise ValueError(f"target spacing must be > 0 mm, got {step_out}")
+    n = volume.shape[1 + axis]
+    count = int(math.floor((n - 1) * step_in / step_out + 1e-6)) + 1
+    positions = torch.arange(count, dtype=torch.float64) * (step_out / step_in)
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    out = _resample_axis(data[0], axis, positions.float(), mode)[None]
+    new_aff = aff.clone()
+    new_aff[:3, axis] = aff[:3, axis] * (step_out / step_in)
+    return MetaTensor(out, affine=new_aff)
+
+
+def degrade_along(volume: MetaTensor, factor: int, axis: int, mode: str = "cubic") -> MetaTensor:
+    """Simulates ``factor``-times thicker slabs along ``axis`` and interpolates back to the original grid."""
+    thick = slab_average(volume, int(factor), axis=axis)
+    n_thick, n = thick.shape[1 + axis], volume.shape[1 + axis]
+    # thick slice k is centred on original index k*factor + (factor-1)/2
+    positions = (torch.arange(n, dtype=torch.float32) - (factor - 1) / 2) / factor
+    positions = positions.clamp(0, n_thick - 1)
+    out = _resample_axis(torch.as_tensor(thick).float()[0], axis, positions, mode)[None]
+    return MetaTensor(out, affine=torch.as_tensor(volume.affine).clone())
+
+
+def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
+    """(degraded, sharp, degraded axis, plane normal) pairs from a thick volume's own in-plane detail
+    (SMORE-style): the in-plane slices, degraded along x or y with the thick slice profile.
+
+    The factor is the ratio of slice spacing to in-plane spacing (rounded); both in-plane axes are degraded.
+
+    Raises:
+        ValueError: the slices are not thicker than the pixels (nothing to learn).
+    """
+    aff = torch.as_tensor(thick.affine, dtype=torch.float64)
+    sp = [float(aff[:3, i].norm()) for i in range(3)]
+    in_plane = [i for i in range(3) if i != slice_axis]
+    factor = round(sp[slice_axis] / min(sp[i] for i in in_plane))
+    if factor < 2:
+        raise ValueError(f"slice spacing {sp[slice_axis]:.2f} mm is not at least twice the pixel spacing "
+                         f"{min(sp[i] for i in in_plane):.2f} mm; self-supervised training has nothing to learn")
+    return [(degrade_along(thick, factor, ax), thick, ax, slice_axis) for ax in in_plane]
+
+
+def paired_pairs(upsampled: MetaTensor, thin: MetaTensor, slice_axis: int = 2) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
+    """(interpolated thick, thin, slice axis, plane normal) pairs for supervised training: the coronal and
+    sagittal planes of a thick series interpolated onto its thin series' grid."""
+    if tuple(upsampled.shape) != tuple(thin.shape):
+        raise ValueError(f"interpolated thick {tuple(upsampled.shape)} and thin {tuple(thin.shape)} volumes differ; "
+                         "interpolate onto the thin grid first (interpolate_slices with the thin spacing)")
+    return [(upsampled, thin, slice_axis, n) for n in range(3) if n != slice_axis]
+
+
+class SliceRefiner(nn.Module):
+    """Residual 2D U-Net for planes whose rows run along the thick-slice axis.
+
+    Input and output: (N, 1, H, W) images in [0, 1] (HU window ``window``), rows = the degraded axis. Any
+    H, W (padded to multiples of 16 inside).
+    """
+
+    def __init__(self, features: Sequence[int] = (16, 16, 32, 32, 64, 16), window: Sequence[float] = (-1024.0, 3071.0)):
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.window = tuple(float(w) for w in window)
+        self.features = tuple(int(f) for f in features)
+        self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=self.features,
+                              norm=("instance", {"affine": True}))
+        last = self.unet.final_conv.conv if hasattr(self.unet.final_conv, "conv") else self.unet.final_conv
+        nn.init.zeros_(last.weight)  # starts as the identity on the interpolated input
+        nn.init.zeros_(last.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        ph, pw = (-h) % 16, (-w) % 16
+        x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
+        return images + self.unet(x)[..., :h, :w]
+
+
+def _planes(volume: torch.Tensor, rows_axis: int, normal_axis: int) -> torch.Tensor:
+    """(X, Y, Z) -> the planes perpendicular to ``normal_axis``, rows along ``rows_axis``: (N, 1, rows, cols)."""
+    cols = 3 - rows_axis - normal_axis
+    return volume.permute(normal_axis, rows_axis, cols)[:, None]
+
+
+def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], steps: int = 300, patch: int = 64,
+                batch: int = 16, lr: float = 5e-4, seed: int = 0, model: SliceRefiner | None = None,
+                progress: bool = True) -> SliceRefiner:
+    """Trains a :class:`SliceRefiner` on (degraded, sharp, degraded axis, plane normal) volume pairs
+    (1, X, Y, Z) in HU (from :func:`self_supervised_pairs` or :func:`paired_pairs`).
+
+    Each step draws ``batch`` random planes with rows along the degraded axis (random pair, random plane,
+    random ``patch``-sized crop; no flips: they cost 2 dB on held-out phantoms) and minimises L1 in the
+    normalised window. The learning rate is constant, then a fifth of it for the last 20 % of the steps.
+    """
+    if not pairs:
+        raise ValueError("fit_refiner needs at least one (degraded, sharp, axis) pair")
+    g = torch.Generator().manual_seed(seed)
+    model = model or SliceRefiner()
+    stacks = []
+    for low, high, axis, normal in pairs:
+        lo = scale_hu(torch.as_tensor(low).float()[0], model.window)
+        hi = scale_hu(torch.as_tensor(high).float()[0], model.window)
+        stacks.append((_planes(lo, axis, normal), _planes(hi, axis, normal)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k < 0.8 * steps else 0.2)  # constant, then a fifth
+    model.train()
+    bar = tqdm(range(steps), desc="fit slice refiner", unit="step", disable=not progress)
+    for _ in bar:
+        xs, ys = [], []
+        for _ in range(batch):
+            lo, hi = stacks[int(torch.randint(len(stacks), (1,), generator=g))]
+            i = int(torch.randint(lo.shape[0], (1,), generator=g))
+            r, c = lo.shape[-2:]
+            pr, pc = min(patch, r), min(patch, c)
+            r0 = int(torch.randint(r - pr + 1, (1,), generator=g))
+            c0 = int(torch.randint(c - pc + 1, (1,), generator=g))
+            x, y = lo[i, :, r0:r0 + pr, c0:c0 + pc], hi[i, :, r0:r0 + pr, c0:c0 + pc]
+            xs.append(x)
+            ys.append(y)
+        x, y = torch.stack(xs), torch.stack(ys)
+        loss = F.l1_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chunk: int = 32) -> MetaTensor:
+    """Applies a refiner to a (1, X, Y, Z) HU volume interpolated along ``axis``: the planes containing the
+    axis are refined in both orientations and averaged. Returns HU with the input's affine."""
+    vol = scale_hu(torch.as_tensor(upsampled).float()[0], model.window)
+    vol = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
+    others = [i for i in range(3) if i != axis]
+    acc = torch.zeros_like(vol)
+    model.eval()
+    for k in range(2):
+        a, b = others[k], others[1 - k]
+        planes = vol.permute(a, axis, b)  # (n, rows along axis, cols)
+        out = torch.cat([model(planes[i:i + chunk, None])[:, 0] for i in range(0, planes.shape[0], chunk)])
+        order = [0, 0, 0]
+        order[a], order[axis], order[b] = 0, 1, 2
+        acc += out.permute(*order)
+    return MetaTensor(unscale_hu(acc / 2, model.window)[None], affine=torch.as_tensor(upsampled.affine).clone())
+
+
+def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None) -> Path:
+    """Writes a refiner (weights, widths, window and ``meta``) atomically."""
+    from ctsynth.engine import atomic_torch_save
+
+    return atomic_torch_save({"network": model.state_dict(), "meta": {"features": list(model.features),
+                              "window": list(model.window), **(meta or {})}}, path)
+
+
+def load_refiner(path: str | Path) -> SliceRefiner:
+    """Reads a refiner written by :func:`save_refiner`.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file.
+    """
+    from ctsynth.engine import load_network_weights, read_checkpoint_meta
+
+    meta = read_checkpoint_meta(path)
+    if "features" not in meta:
+        raise ValueError(f"{path}: not a slice refiner (no 'features' in its meta); train one with "
+                         "`ctsynth interpolate ... --method self-supervised --save-model PATH`")
+    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)))
+    load_network_weights(model, path)
+    return model.eval()
