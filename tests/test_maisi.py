@@ -101,3 +101,16 @@ def test_scale_factor_and_errors():
     with pytest.raises(ValueError, match="B, 1, X, Y, Z"):
         codec.encode(torch.rand(8, 8, 8))
     assert MAISI_AUTOENCODER_ARGS["latent_channels"] == 4
+
+
+def test_cli_bench_maisi_small(tmp_path, capsys):
+    import json
+
+    from ctsynth.cli import main
+
+    main(["bench", "maisi", "--small", "--depths", "16", "48", "--in_plane", "16", "--chunk", "16",
+          "--out", str(tmp_path / "m.json")])
+    res = json.loads(capsys.readouterr().out)
+    assert [r["depth"] for r in res["runs"]] == [16, 48]
+    assert res["runs"][1]["latent_shape"] == [1, 4, 4, 4, 12] and res["runs"][1]["output_shape"] == [1, 1, 16, 16, 48]
+    assert res["peak_growth_ratio"] >= 1.0 and json.loads((tmp_path / "m.json").read_text())["benchmark"] == "maisi_codec"

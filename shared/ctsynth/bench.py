@@ -204,3 +204,50 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
                                  "step_s": timing, "peak_memory_mb": _peak_memory_mb(device),
                                  "trainable_parameters": sum(p.numel() for p in trainable_parameters(net))})
     return result
+
+
+_MAISI_WORKER = """
+import json, resource, sys, time, torch
+from ctsynth.maisi import LatentCodec, build_maisi_autoencoder
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+ae = build_maisi_autoencoder(**args["overrides"]).eval().to(args["device"])
+codec = LatentCodec(ae, chunk=args["chunk"], overlap=args["overlap"])
+x = torch.rand(1, 1, args["in_plane"], args["in_plane"], args["depth"], device=args["device"])
+if args["device"].startswith("cuda"):
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+z = codec.encode(x)
+t1 = time.perf_counter()
+y = codec.decode(z, x.shape[-3:])
+t2 = time.perf_counter()
+peak = (torch.cuda.max_memory_allocated() / 2**20 if args["device"].startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+print(json.dumps({"depth": args["depth"], "latent_shape": list(z.shape), "output_shape": list(y.shape),
+                  "encode_s": t1 - t0, "decode_s": t2 - t1, "peak_memory_mb": peak}))
+"""
+
+
+def bench_maisi(depths: Sequence[int] = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
+                device: str = "cpu", small: bool = False) -> dict[str, Any]:
+    """Peak memory and time of windowed MAISI encode + decode as the number of slices grows.
+
+    Each depth runs in a fresh process (the CPU peak is the process's maximum RSS, so runs must not share
+    one); random weights of the released architecture (or ``small`` widths), random input.
+    """
+    import subprocess
+    import sys
+
+    overrides = {"num_channels": [8, 16, 32], "norm_num_groups": 4, "num_splits": 1} if small else {}
+    rows = []
+    for d in depths:
+        args = {"depth": int(d), "in_plane": int(in_plane), "chunk": int(chunk), "overlap": float(overlap),
+                "device": device, "overrides": overrides}
+        res = subprocess.run([sys.executable, "-c", _MAISI_WORKER, json.dumps(args)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"MAISI benchmark at depth {d} failed:\n{res.stderr[-2000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    peaks = [r["peak_memory_mb"] for r in rows]
+    return {"benchmark": "maisi_codec", "architecture": "small" if small else "released (20.9 M parameters)",
+            "in_plane": in_plane, "chunk": chunk, "overlap": overlap, "machine": machine_info(device), "runs": rows,
+            "peak_growth_ratio": max(peaks) / min(peaks)}

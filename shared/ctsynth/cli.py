@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 
 logger = logging.getLogger("ctsynth")
-_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch")
+_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -90,6 +90,15 @@ class Bench:
             network = {k.split("#", 1)[1]: v for k, v in CASCADE_DEMO_NETWORK.items()}
         res = bench_cascade(_tuple(sizes), None if stages is None else _tuple(stages), batch if isinstance(batch, int)
                             else _tuple(batch), xray_size, views, repeats, device, amp, network)
+        sys.stdout.write(write_json(res, out) + "\n")
+
+
+    def maisi(self, depths: Any = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
+              device: str = "cpu", small: bool = False, out: str | None = None) -> None:
+        """Windowed MAISI encode + decode: time and peak memory per depth (flat memory as the depth grows)."""
+        from ctsynth.bench import bench_maisi, write_json
+
+        res = bench_maisi(_tuple(depths), in_plane, chunk, overlap, device, small)
         sys.stdout.write(write_json(res, out) + "\n")
 
 
