@@ -114,3 +114,9 @@ def test_cli_bench_maisi_small(tmp_path, capsys):
     assert [r["depth"] for r in res["runs"]] == [16, 48]
     assert res["runs"][1]["latent_shape"] == [1, 4, 4, 4, 12] and res["runs"][1]["output_shape"] == [1, 1, 16, 16, 48]
     assert res["peak_growth_ratio"] >= 1.0 and json.loads((tmp_path / "m.json").read_text())["benchmark"] == "maisi_codec"
+
+
+def test_too_small_windows_for_tensor_splitting_say_what_to_do():
+    ae = build_maisi_autoencoder(num_channels=[8, 16, 32], norm_num_groups=4, num_splits=8).eval()
+    with pytest.raises(ValueError, match="num_splits=1"):
+        LatentCodec(ae, chunk=8).encode(torch.rand(1, 1, 16, 16, 8))

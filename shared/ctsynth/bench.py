@@ -229,7 +229,7 @@ print(json.dumps({"depth": args["depth"], "latent_shape": list(z.shape), "output
 
 
 def bench_maisi(depths: Sequence[int] = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
-                device: str = "cpu", small: bool = False) -> dict[str, Any]:
+                device: str = "cpu", small: bool = False, num_splits: int = 1) -> dict[str, Any]:
     """Peak memory and time of windowed MAISI encode + decode as the number of slices grows.
 
     Each depth runs in a fresh process (the CPU peak is the process's maximum RSS, so runs must not share
@@ -238,7 +238,8 @@ def bench_maisi(depths: Sequence[int] = (32, 64, 128), in_plane: int = 64, chunk
     import subprocess
     import sys
 
-    overrides = {"num_channels": [8, 16, 32], "norm_num_groups": 4, "num_splits": 1} if small else {}
+    overrides = {"num_channels": [8, 16, 32], "norm_num_groups": 4} if small else {}
+    overrides["num_splits"] = int(num_splits)  # the release uses 8 for 512^2 slices; small slices need fewer
     rows = []
     for d in depths:
         args = {"depth": int(d), "in_plane": int(in_plane), "chunk": int(chunk), "overlap": float(overlap),
@@ -249,5 +250,6 @@ def bench_maisi(depths: Sequence[int] = (32, 64, 128), in_plane: int = 64, chunk
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     peaks = [r["peak_memory_mb"] for r in rows]
     return {"benchmark": "maisi_codec", "architecture": "small" if small else "released (20.9 M parameters)",
-            "in_plane": in_plane, "chunk": chunk, "overlap": overlap, "machine": machine_info(device), "runs": rows,
+            "in_plane": in_plane, "chunk": chunk, "overlap": overlap, "num_splits": num_splits,
+            "machine": machine_info(device), "runs": rows,
             "peak_growth_ratio": max(peaks) / min(peaks)}

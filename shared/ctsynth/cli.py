@@ -94,11 +94,11 @@ class Bench:
 
 
     def maisi(self, depths: Any = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
-              device: str = "cpu", small: bool = False, out: str | None = None) -> None:
+              device: str = "cpu", small: bool = False, num_splits: int = 1, out: str | None = None) -> None:
         """Windowed MAISI encode + decode: time and peak memory per depth (flat memory as the depth grows)."""
         from ctsynth.bench import bench_maisi, write_json
 
-        res = bench_maisi(_tuple(depths), in_plane, chunk, overlap, device, small)
+        res = bench_maisi(_tuple(depths), in_plane, chunk, overlap, device, small, num_splits)
         sys.stdout.write(write_json(res, out) + "\n")
 
 

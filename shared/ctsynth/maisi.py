@@ -160,8 +160,16 @@ class LatentCodec:
     def _sliding(self, x: torch.Tensor, roi: Sequence[int], fn) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
-        return sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=1, predictor=fn, overlap=self.overlap,
-                                        mode="gaussian", padding_mode="replicate", progress=False)
+        try:
+            return sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=1, predictor=fn, overlap=self.overlap,
+                                            mode="gaussian", padding_mode="replicate", progress=False)
+        except RuntimeError as e:
+            if "Kernel size can't be greater" in str(e):
+                splits = getattr(getattr(self.ae, "encoder", None), "num_splits", "?")
+                raise ValueError(f"windows {tuple(roi)} are too small for the autoencoder's tensor splitting "
+                                 f"(num_splits={splits}): build it with num_splits=1 (load_maisi_autoencoder(path, "
+                                 "num_splits=1)) or use larger windows (chunk / tile)") from None
+            raise
 
     @torch.no_grad()
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
