@@ -73,18 +73,10 @@ def resample_to_cube(volume: MetaTensor, size: int, fov_mm: float, center_mm: to
     Returns:
         (1, size, size, size) MetaTensor whose affine is diagonal RAS with spacing ``fov_mm / size``.
     """
-    aff = cube_affine(size, fov_mm, center_mm)
-    src_inv = torch.linalg.inv(torch.as_tensor(volume.affine, dtype=torch.float64))
-    world = voxel_world_coordinates(aff, (size, size, size))
-    vox = world @ src_inv[:3, :3].T + src_inv[:3, 3]
-    shape = torch.tensor(volume.shape[1:], dtype=torch.float64)
-    grid = (vox / (shape - 1) * 2 - 1).flip(-1).float()[None]
-    data = torch.as_tensor(volume).float()
-    data = data.as_tensor() if isinstance(data, MetaTensor) else data
     lo, hi = float(hu_clip[0]), float(hu_clip[1])
-    shifted = (data.clamp(lo, hi) - lo)[None]  # zero padding == air at the clip floor
-    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0] + lo
-    return MetaTensor(out.clamp(lo, hi), affine=aff)
+    clipped = MetaTensor(torch.as_tensor(volume).float().clamp(lo, hi), affine=volume.affine)
+    out = resample_to_grid(clipped, cube_affine(size, fov_mm, center_mm), (size, size, size), fill_hu=lo)
+    return MetaTensor(out.as_tensor().clamp(lo, hi), affine=out.affine)
 
 
 def remove_table(volume: MetaTensor, threshold_hu: float = -500.0, margin_voxels: int = 2) -> MetaTensor:

@@ -20,7 +20,7 @@ from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters
+from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters, unwrap
 from ctsynth.transforms import geometries_from_batch
 
 from .network import rescale_affine
@@ -73,7 +73,7 @@ class CascadeIteration:
         affine = torch.as_tensor(target.affine, dtype=torch.float64).to(device)
         if affine.ndim == 2:
             affine = affine.expand(target.shape[0], 4, 4)
-        net = engine.network.module if hasattr(engine.network, "module") else engine.network
+        net = unwrap(engine.network)
         s_target, s0 = target.shape[-1], net.sizes[0]
         expected = net.sizes[self.stage - 1] if self.stage <= len(net.sizes) else None
         if s_target != expected:
@@ -82,11 +82,15 @@ class CascadeIteration:
         aff0 = rescale_affine(affine, (s_target,) * 3, (s0,) * 3)
         return xrays, target, geoms, affine, aff0
 
+    def _amp(self, engine: Any):
+        """(enabled, dtype, scaler), decided once per engine (the scaler keeps state across steps)."""
+        if getattr(engine, "ctsynth_amp", None) is None:
+            engine.ctsynth_amp = amp_settings(engine.state.device, self.amp)
+        return engine.ctsynth_amp
+
     def _autocast(self, engine: Any):
-        enabled, dtype, _ = amp_settings(engine.state.device, self.amp)
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        enabled, dtype, _ = self._amp(engine)
+        return torch.autocast(device_type="cuda", dtype=dtype) if enabled else contextlib.nullcontext()
 
     def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         xrays, target, geoms, affine, aff0 = self._inputs(engine, batch)
@@ -97,9 +101,7 @@ class CascadeIteration:
             return {Keys.IMAGE: xrays, Keys.LABEL: target, Keys.PRED: outs[-1].float()}
 
         engine.network.train()
-        scaler = getattr(engine, "ctsynth_scaler", None)
-        if scaler is None and amp_settings(engine.state.device, self.amp)[2] is not None:
-            scaler = engine.ctsynth_scaler = amp_settings(engine.state.device, self.amp)[2]
+        scaler = self._amp(engine)[2]
         with self._autocast(engine):
             outs = engine.network(xrays, geoms, aff0, up_to_stage=self.stage - 1)
         pred = outs[-1].float()

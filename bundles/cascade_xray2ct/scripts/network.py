@@ -73,6 +73,16 @@ class XrayEncoder(nn.Module):
         return [f.reshape(b, v, *f.shape[1:]) for f in (f0, f1, f2)]
 
 
+def _per_item(xrays: torch.Tensor, geometries, affine) -> tuple[list[ProjectionGeometry], torch.Tensor]:
+    """One geometry and one (4, 4) float64 affine per batch item, from shared or per-item values."""
+    if isinstance(geometries, ProjectionGeometry):
+        geometries = [geometries] * xrays.shape[0]
+    affine = torch.as_tensor(affine, dtype=torch.float64, device=xrays.device)
+    if affine.ndim == 2:
+        affine = affine.expand(xrays.shape[0], 4, 4)
+    return list(geometries), affine
+
+
 def rescale_affine(affine: torch.Tensor, from_shape: Sequence[int], to_shape: Sequence[int]) -> torch.Tensor:
     """Affine of a grid covering the same field of view as ``affine``/``from_shape`` with ``to_shape`` voxels."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
@@ -278,11 +288,7 @@ class ProgressiveCascade(nn.Module):
         last = self.num_stages - 1 if up_to_stage is None else up_to_stage
         if not 0 <= last < self.num_stages:
             raise ValueError(f"up_to_stage must be in [0, {self.num_stages - 1}], got {up_to_stage}")
-        if isinstance(geometries, ProjectionGeometry):
-            geometries = [geometries] * xrays.shape[0]
-        affine = torch.as_tensor(affine, dtype=torch.float64, device=xrays.device)
-        if affine.ndim == 2:
-            affine = affine.expand(xrays.shape[0], 4, 4)
+        geometries, affine = _per_item(xrays, geometries, affine)
         feats = self.encoder(xrays)
         angles = torch.stack([g.angles_deg.to(xrays.device) for g in geometries])
         outputs: list[torch.Tensor] = []
@@ -330,11 +336,7 @@ class BackprojectionUNet(nn.Module):
     def forward(self, xrays: torch.Tensor, geometries: Sequence[ProjectionGeometry], affine: torch.Tensor,
                 up_to_stage: int | None = None) -> list[torch.Tensor]:
         """Same contract as :meth:`ProgressiveCascade.forward`; returns a one-element list."""
-        if isinstance(geometries, ProjectionGeometry):
-            geometries = [geometries] * xrays.shape[0]
-        affine = torch.as_tensor(affine, dtype=torch.float64, device=xrays.device)
-        if affine.ndim == 2:
-            affine = affine.expand(xrays.shape[0], 4, 4)
+        geometries, affine = _per_item(xrays, geometries, affine)
         f = self.encoder(xrays)[2]
         s = self.sizes[0]
         return [self.unet(backproject_features(f, geometries, affine, (s, s, s)))]
