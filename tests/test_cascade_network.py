@@ -107,3 +107,18 @@ def test_refining_stage_starts_as_identity_on_the_previous_output():
     for k in (1, 2):
         up = torch.nn.functional.interpolate(outs[k - 1], size=outs[k].shape[-3:], mode="trilinear", align_corners=False)
         assert torch.allclose(outs[k], up, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch, direct", [(4, True), (6, True), (8, True), (16, False), (32, False)])
+def test_patch_embedding_shapes_and_cost(patch, direct):
+    from scripts.network import patch_embedding, patch_unembedding
+
+    emb, unemb = patch_embedding(16, 128, patch), patch_unembedding(128, 16, patch)
+    x = torch.rand(1, 16, 2 * patch, 2 * patch, 2 * patch)
+    tok = emb(x)
+    assert tok.shape == (1, 128, 2, 2, 2) and unemb(tok).shape == x.shape
+    params = sum(p.numel() for p in emb.parameters()) + sum(p.numel() for p in unemb.parameters())
+    assert isinstance(emb, torch.nn.Conv3d) == direct
+    assert params < 2_500_000  # a direct 32^3 kernel would cost 134 M
+    with pytest.raises(ValueError, match="powers of two"):
+        patch_embedding(16, 128, 12)

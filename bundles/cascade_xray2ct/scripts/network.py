@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from ctsynth.engine import load_network_weights
 from ctsynth.geometry import ProjectionGeometry, backproject_features
 
-__all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "CascadeStage", "ProgressiveCascade",
+__all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "patch_embedding", "patch_unembedding",
+           "CascadeStage", "ProgressiveCascade",
            "BackprojectionUNet", "prepare_stage"]
 
 
@@ -95,6 +97,50 @@ def rescale_affine(affine: torch.Tensor, from_shape: Sequence[int], to_shape: Se
     return out
 
 
+#: patches up to this side use one strided convolution; larger ones a pyramid of stride-2 convolutions
+DIRECT_PATCH_MAX = 8
+
+
+def _pyramid_widths(cin: int, cout: int, steps: int) -> list[int]:
+    return [cin] + [min(cout, cin * 2 ** (k + 1)) for k in range(steps - 1)] + [cout]
+
+
+def patch_embedding(cin: int, hidden: int, patch: int) -> nn.Module:
+    """Voxels -> one token per ``patch``^3 block.
+
+    Small patches: one ``patch``-strided convolution. Larger powers of two: stride-2 convolutions doubling
+    the width, so a 32^3 patch costs about 1 M parameters instead of 67 M for a 32^3 kernel.
+    """
+    if patch <= DIRECT_PATCH_MAX:
+        return nn.Conv3d(cin, hidden, kernel_size=patch, stride=patch)
+    steps = int(round(math.log2(patch)))
+    if 2 ** steps != patch:
+        raise ValueError(f"patch sizes above {DIRECT_PATCH_MAX} must be powers of two, got {patch}")
+    w = _pyramid_widths(cin, hidden, steps)
+    layers: list[nn.Module] = []
+    for k in range(steps):
+        layers.append(nn.Conv3d(w[k], w[k + 1], kernel_size=3, stride=2, padding=1))
+        if k < steps - 1:
+            layers += [nn.GroupNorm(min(8, w[k + 1]), w[k + 1]), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+def patch_unembedding(hidden: int, cout: int, patch: int) -> nn.Module:
+    """Tokens -> voxels, the mirror of :func:`patch_embedding` (transposed convolutions)."""
+    if patch <= DIRECT_PATCH_MAX:
+        return nn.ConvTranspose3d(hidden, cout, kernel_size=patch, stride=patch)
+    steps = int(round(math.log2(patch)))
+    if 2 ** steps != patch:
+        raise ValueError(f"patch sizes above {DIRECT_PATCH_MAX} must be powers of two, got {patch}")
+    w = _pyramid_widths(cout, hidden, steps)[::-1]
+    layers: list[nn.Module] = []
+    for k in range(steps):
+        layers.append(nn.ConvTranspose3d(w[k], w[k + 1], kernel_size=2, stride=2))
+        if k < steps - 1:
+            layers += [nn.GroupNorm(min(8, w[k + 1]), w[k + 1]), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
 class CascadeStage(nn.Module):
     """One resolution level of the cascade.
 
@@ -124,7 +170,7 @@ class CascadeStage(nn.Module):
         self.xray_token_grid = xray_token_grid
         in_ch = 2 * xray_channels + (1 if refine else 0)
         self.stem = _conv3d_block(in_ch, stem_channels)
-        self.embed = nn.Conv3d(stem_channels, hidden, kernel_size=patch, stride=patch)
+        self.embed = patch_embedding(stem_channels, hidden, patch)
         n_tok = (size // patch) ** 3
         self.pos = nn.Parameter(torch.zeros(1, n_tok, hidden))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -134,7 +180,7 @@ class CascadeStage(nn.Module):
             [TransformerBlock(hidden, 4 * hidden, heads, with_cross_attention=True) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(hidden)
-        self.unembed = nn.ConvTranspose3d(hidden, stem_channels, kernel_size=patch, stride=patch)
+        self.unembed = patch_unembedding(hidden, stem_channels, patch)
         self.head = nn.Sequential(_conv3d_block(2 * stem_channels, stem_channels), nn.Conv3d(stem_channels, 1, 1))
         self.detail = (
             nn.Sequential(_conv3d_block(in_ch, stem_channels), nn.Conv3d(stem_channels, 1, 3, 1, 1))
