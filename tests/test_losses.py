@@ -125,3 +125,21 @@ def test_composite_loss_stage_presets():
 def test_composite_loss_errors(weights, match):
     with pytest.raises(ValueError, match=match):
         CompositeLoss(weights)
+
+
+def test_vgg_chunking_and_checkpointing_keep_value_and_gradient():
+    from ctsynth.losses import TriPlanarVGGLoss
+
+    torch.manual_seed(0)
+    pred = torch.rand(2, 1, 20, 18, 16, requires_grad=True)
+    target = torch.rand(2, 1, 20, 18, 16)
+    whole = TriPlanarVGGLoss(random_init=True, seed=3, slice_fraction=0.5, slice_chunk=1000, checkpoint=False)
+    chunked = TriPlanarVGGLoss(random_init=True, seed=3, slice_fraction=0.5, slice_chunk=2, checkpoint=True)
+    chunked.vgg.load_state_dict(whole.vgg.state_dict())
+    a = whole(pred, target)
+    (ga,) = torch.autograd.grad(a, pred)
+    b = chunked(pred, target)
+    (gb,) = torch.autograd.grad(b, pred)
+    assert torch.allclose(a, b, rtol=1e-5) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="slice_chunk"):
+        TriPlanarVGGLoss(random_init=True, slice_chunk=0)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from ctsynth.drr import DRRProjector
@@ -218,6 +219,9 @@ class TriPlanarVGGLoss(nn.Module):
         min_slices: minimum slices per axis.
         random_init: use random VGG weights on purpose.
         seed: seed of the slice draw (None: a fresh draw every call).
+        slice_chunk: slices per VGG pass.
+        checkpoint: recompute each chunk's VGG activations in the backward pass instead of keeping them
+            (memory of one chunk; the same value and gradient).
 
     Shapes:
         pred, target: (B, 1, S0, S1, S2) in [0, 1].
@@ -231,8 +235,13 @@ class TriPlanarVGGLoss(nn.Module):
         min_slices: int = 1,
         random_init: bool = False,
         seed: int | None = None,
+        slice_chunk: int = 8,
+        checkpoint: bool = True,
     ) -> None:
         super().__init__()
+        if slice_chunk < 1:
+            raise ValueError(f"slice_chunk must be >= 1, got {slice_chunk}")
+        self.slice_chunk, self.checkpoint = int(slice_chunk), bool(checkpoint)
         if not 0 < slice_fraction <= 1:
             raise ValueError(f"slice_fraction must be in (0, 1], got {slice_fraction}")
         bad = [n for n in layers if n not in VGG19_LAYERS]
@@ -258,6 +267,10 @@ class TriPlanarVGGLoss(nn.Module):
             s = s.reshape(-1, 1, *s.shape[-2:])
         return (s.repeat(1, 3, 1, 1) - self.mean) / self.std
 
+    def _chunk_loss(self, pred_slices: torch.Tensor, target_feats: list[torch.Tensor]) -> torch.Tensor:
+        fp = self.vgg(pred_slices, self.layers)
+        return sum(F.l1_loss(a, b) for a, b in zip(fp, target_feats)) / len(self.layers)
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
             raise ValueError(f"expected two (B, 1, S0, S1, S2) volumes, got {tuple(pred.shape)} and {tuple(target.shape)}")
@@ -266,10 +279,19 @@ class TriPlanarVGGLoss(nn.Module):
             n = pred.shape[2 + axis]
             k = min(n, max(self.min_slices, int(round(n * self.slice_fraction))))
             idx = torch.randperm(n, generator=self.generator)[:k].sort().values
-            fp = self.vgg(self._slices(pred, axis, idx), self.layers)
-            with torch.no_grad():
-                ft = self.vgg(self._slices(target, axis, idx), self.layers)
-            total = total + sum(F.l1_loss(a, b) for a, b in zip(fp, ft)) / len(self.layers)
+            axis_loss = pred.new_zeros(())
+            # slices go through VGG a chunk at a time; with gradients, each chunk's activations are recomputed
+            # in the backward pass instead of kept (memory of one chunk, same value and gradient)
+            for part in idx.split(self.slice_chunk):
+                sp, st = self._slices(pred, axis, part), self._slices(target, axis, part)
+                with torch.no_grad():
+                    ft = self.vgg(st, self.layers)
+                if sp.requires_grad and self.checkpoint:
+                    value = checkpoint(self._chunk_loss, sp, ft, use_reentrant=False)
+                else:
+                    value = self._chunk_loss(sp, ft)
+                axis_loss = axis_loss + value * (len(part) / len(idx))
+            total = total + axis_loss
         return total / 3.0
 
 
