@@ -108,14 +108,13 @@ def _pyramid_widths(cin: int, cout: int, steps: int) -> list[int]:
 def patch_embedding(cin: int, hidden: int, patch: int) -> nn.Module:
     """Voxels -> one token per ``patch``^3 block.
 
-    Small patches: one ``patch``-strided convolution. Larger powers of two: stride-2 convolutions doubling
-    the width, so a 32^3 patch costs about 1 M parameters instead of 67 M for a 32^3 kernel.
+    Small patches (and sizes that are not powers of two): one ``patch``-strided convolution. Larger powers of
+    two: stride-2 convolutions doubling the width, so a 32^3 patch costs about 1 M parameters instead of
+    67 M for a 32^3 kernel.
     """
-    if patch <= DIRECT_PATCH_MAX:
-        return nn.Conv3d(cin, hidden, kernel_size=patch, stride=patch)
     steps = int(round(math.log2(patch)))
-    if 2 ** steps != patch:
-        raise ValueError(f"patch sizes above {DIRECT_PATCH_MAX} must be powers of two, got {patch}")
+    if patch <= DIRECT_PATCH_MAX or 2 ** steps != patch:
+        return nn.Conv3d(cin, hidden, kernel_size=patch, stride=patch)
     w = _pyramid_widths(cin, hidden, steps)
     layers: list[nn.Module] = []
     for k in range(steps):
@@ -127,11 +126,9 @@ def patch_embedding(cin: int, hidden: int, patch: int) -> nn.Module:
 
 def patch_unembedding(hidden: int, cout: int, patch: int) -> nn.Module:
     """Tokens -> voxels, the mirror of :func:`patch_embedding` (transposed convolutions)."""
-    if patch <= DIRECT_PATCH_MAX:
-        return nn.ConvTranspose3d(hidden, cout, kernel_size=patch, stride=patch)
     steps = int(round(math.log2(patch)))
-    if 2 ** steps != patch:
-        raise ValueError(f"patch sizes above {DIRECT_PATCH_MAX} must be powers of two, got {patch}")
+    if patch <= DIRECT_PATCH_MAX or 2 ** steps != patch:
+        return nn.ConvTranspose3d(hidden, cout, kernel_size=patch, stride=patch)
     w = _pyramid_widths(cout, hidden, steps)[::-1]
     layers: list[nn.Module] = []
     for k in range(steps):
