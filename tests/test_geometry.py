@@ -99,3 +99,20 @@ def test_voxel_world_coordinates():
     assert w.shape == (3, 4, 5, 3)
     assert w[2, 3, 4].tolist() == pytest.approx([3.0, 14.0, 26.0])
     assert w[0, 0, 0].tolist() == pytest.approx([-1.0, 5.0, 10.0])
+
+
+def test_backprojection_in_slabs_equals_one_pass():
+    from ctsynth.geometry import backproject_features
+
+    torch.manual_seed(0)
+    g = ProjectionGeometry(angles_deg=[0.0, 90.0], sid_mm=1000.0, sdd_mm=1200.0, detector_shape=(24, 20),
+                           pixel_spacing_mm=8.0, isocenter_mm=[1.0, -2.0, 3.0])
+    aff = torch.diag(torch.tensor([6.0, 5.0, 4.0, 1.0], dtype=torch.float64))
+    aff[:3, 3] = torch.tensor([-50.0, -40.0, -30.0], dtype=torch.float64)
+    feats = torch.rand(1, 2, 3, 24, 20, requires_grad=True)
+    one = backproject_features(feats, [g], aff[None], (17, 12, 9), max_voxels=10**9)
+    slabs = backproject_features(feats, [g], aff[None], (17, 12, 9), max_voxels=12 * 9 * 4)  # 4 planes a slab
+    assert one.shape == (1, 6, 17, 12, 9) and torch.allclose(one, slabs, atol=1e-6)
+    (ga,) = torch.autograd.grad(one.sum(), feats)
+    (gb,) = torch.autograd.grad(slabs.sum(), feats)
+    assert torch.allclose(ga, gb, atol=1e-5)

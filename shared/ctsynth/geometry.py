@@ -380,14 +380,19 @@ def backproject_features(
     geometries: Sequence[ProjectionGeometry],
     affines: torch.Tensor,
     grid_shape: Sequence[int],
+    max_voxels: int = 2**20,
 ) -> torch.Tensor:
     """Samples each view's feature map at every voxel's projection and fuses the views (mean, max).
+
+    The grid is processed in slabs along its first axis of at most ``max_voxels`` voxels, so the projection
+    and sampling temporaries (float64 coordinates, per-view samples) stay small however large the grid.
 
     Args:
         features: (B, V, C, h, w) feature maps covering each view's full detector.
         geometries: one geometry per batch item (V views, any detector size).
         affines: (B, 4, 4) voxel -> RAS mm of the output grid.
         grid_shape: (S0, S1, S2).
+        max_voxels: voxels per slab.
 
     Returns:
         (B, 2C, S0, S1, S2): mean over views, then max over views.
@@ -395,17 +400,27 @@ def backproject_features(
     b, v, c = features.shape[:3]
     if len(geometries) != b:
         raise ValueError(f"need one geometry per batch item: {len(geometries)} for {b}")
+    s0, s1, s2 = (int(n) for n in grid_shape)
+    step = max(1, int(max_voxels) // (s1 * s2))
     out = []
     for i, g in enumerate(geometries):
         if g.num_views != v:
             raise ValueError(f"geometry {i} has {g.num_views} views, the radiographs have {v}")
         aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
-        world = voxel_world_coordinates(aff, grid_shape).reshape(-1, 3)
-        rc = g.to(features.device).project_points(world)  # V, N, 2 (row, col) in detector pixels
+        g = g.to(features.device)
         rows, cols = g.detector_shape
-        grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
-        sampled = F.grid_sample(features[i], grid[:, None].to(features.dtype), mode="bilinear",
-                                padding_mode="zeros", align_corners=False)  # V, C, 1, N
-        sampled = sampled[:, :, 0].reshape(v, c, *grid_shape)
-        out.append(torch.cat([sampled.mean(0), sampled.amax(0)], 0))
+        fused = features.new_empty(2 * c, s0, s1, s2)
+        for start in range(0, s0, step):
+            n0 = min(step, s0 - start)
+            slab_aff = aff.clone()
+            slab_aff[:3, 3] = aff[:3, 3] + start * aff[:3, 0]  # the slab's first voxel
+            world = voxel_world_coordinates(slab_aff, (n0, s1, s2)).reshape(-1, 3)
+            rc = g.project_points(world)  # V, N, 2 (row, col) in detector pixels
+            grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
+            sampled = F.grid_sample(features[i], grid[:, None].to(features.dtype), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)[:, :, 0]  # V, C, N
+            sampled = sampled.reshape(v, c, n0, s1, s2)
+            fused[:c, start:start + n0] = sampled.mean(0)
+            fused[c:, start:start + n0] = sampled.amax(0)
+        out.append(fused)
     return torch.stack(out)
