@@ -409,7 +409,7 @@ def backproject_features(
         aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
         g = g.to(features.device)
         rows, cols = g.detector_shape
-        fused = features.new_empty(2 * c, s0, s1, s2)
+        fused = torch.empty((2 * c, s0, s1, s2), dtype=features.dtype, device=features.device)
         for start in range(0, s0, step):
             n0 = min(step, s0 - start)
             slab_aff = aff.clone()
