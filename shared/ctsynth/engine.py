@@ -167,15 +167,20 @@ def optimisation_step(engine: Engine, loss: torch.Tensor, optimizer: torch.optim
     return float(norm)
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` entry of a :class:`CheckpointManager` weights file (empty for a bare state dict)."""
+def _read_checkpoint(path: str | Path, missing_hint: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file (``missing_hint`` says what to do)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}; train the bundle first or pass --checkpoint")
+        raise FileNotFoundError(f"weights file not found: {path}{missing_hint}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` entry of a :class:`CheckpointManager` weights file (empty for a bare state dict)."""
+    obj = _read_checkpoint(path, "; train the bundle first or pass --checkpoint")
     return dict(obj.get("meta", {})) if isinstance(obj, dict) else {}
 
 
@@ -187,14 +192,8 @@ def load_network_weights(network: nn.Module, path: str | Path, strict: bool = Tr
     Raises:
         FileNotFoundError / ValueError: naming the file and what to do.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}. Train the previous stage first or pass the "
-                                "right path (e.g. --init_checkpoint / --checkpoint)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    obj = _read_checkpoint(path, ". Train the previous stage first or pass the right path (e.g. --init_checkpoint "
+                                 "/ --checkpoint)", map_location)
     state = obj.get("network", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or a ctsynth checkpoint with a 'network' entry")

@@ -208,15 +208,13 @@ def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chu
     axis are refined in both orientations and averaged. Returns HU with the input's affine."""
     vol = scale_hu(torch.as_tensor(upsampled).float()[0], model.window)
     vol = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
-    others = [i for i in range(3) if i != axis]
     acc = torch.zeros_like(vol)
     model.eval()
-    for k in range(2):
-        a, b = others[k], others[1 - k]
-        planes = vol.permute(a, axis, b)  # (n, rows along axis, cols)
-        out = torch.cat([model(planes[i:i + chunk, None])[:, 0] for i in range(0, planes.shape[0], chunk)])
-        order = [0, 0, 0]
-        order[a], order[axis], order[b] = 0, 1, 2
+    for normal in (i for i in range(3) if i != axis):
+        planes = _planes(vol, axis, normal)  # (n, 1, rows along axis, cols)
+        out = torch.cat([model(planes[i:i + chunk]) for i in range(0, planes.shape[0], chunk)])[:, 0]
+        order = [0, 0, 0]  # undo _planes' (normal, axis, cols) order
+        order[normal], order[axis], order[3 - axis - normal] = 0, 1, 2
         acc += out.permute(*order)
     return MetaTensor(unscale_hu(acc / 2, model.window)[None], affine=torch.as_tensor(upsampled.affine).clone())
 
