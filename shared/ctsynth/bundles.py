@@ -79,19 +79,21 @@ def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mappin
         workflow.finalize()
 
 
-def network_overrides(checkpoint: str | Path) -> dict[str, Any]:
-    """Config overrides (``network_def``, ``sizes``) rebuilding the network a checkpoint was trained with.
+def network_overrides(checkpoint: str | Path, meta_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Config overrides (``network_def``, ``sizes``, and the ``meta_keys`` the checkpoint recorded, e.g. the
+    diffusion schedule) rebuilding the network a checkpoint was trained with.
 
-    Empty when the checkpoint carries no network description (a bare state dict): the config's own
-    ``network_def`` is used then.
+    ``network_def`` is left out when the checkpoint carries no network description (a bare state dict): the
+    config's own is used then.
     """
     from ctsynth.engine import read_checkpoint_meta
 
     meta = read_checkpoint_meta(checkpoint)
+    out: dict[str, Any] = {k: meta[k] for k in meta_keys if k in meta}
     target, cfg = meta.get("network_target"), meta.get("network_config")
     if not target or not cfg:
-        return {}
-    out: dict[str, Any] = {"network_def": {"_target_": target, **cfg}}
+        return out
+    out["network_def"] = {"_target_": target, **cfg}
     if "sizes" in cfg:
         out["sizes"] = list(cfg["sizes"])
     elif "size" in cfg:

@@ -125,6 +125,15 @@ class Prepare:
 
         _emit(prepare_slice_interp(studies, out, seed=seed))
 
+    def phantom_pairs(self, out: str, n: int = 12, shape: Any = (64, 64, 84), spacing: float = 2.0, factor: int = 5,
+                      seed: int = 0) -> None:
+        """Thin phantoms and their FACTOR-times thicker slab averages -> the slice_interp_ldm dataset layout (try
+        the bundle without data)."""
+        from ctsynth.prepare import prepare_phantom_pairs
+
+        spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)
+        _emit(prepare_phantom_pairs(out, n, _tuple(shape, 3, "shape"), spacing, factor, seed=seed))
+
 
 class CLI:
     """ctsynth: synthesise CT where a full scan is missing."""
@@ -163,24 +172,50 @@ class CLI:
 
     def interpolate(self, thick: str, out: str, spacing: float = 1.0, method: str = "cubic",
                     model: str | None = None, save_model: str | None = None, steps: int = 400,
-                    dicom_out: str | None = None, series_uid: str | None = None, seed: int = 0) -> None:
+                    dicom_out: str | None = None, series_uid: str | None = None, seed: int = 0,
+                    samples: int = 1, checkpoint: str | None = None, autoencoder: str | None = None,
+                    inference_steps: int = 50, self_supervised: bool = False, device: str | None = None) -> None:
         """Thick-slice CT (NIfTI, DICOM folder or zip) -> thin slices at ``--spacing`` mm, as NIfTI (and DICOM).
 
-        Methods: ``cubic`` / ``linear`` interpolation; ``self-supervised`` (learns from the volume's own in-plane
-        detail, SMORE-style, in a few minutes on CPU; ``--save-model`` keeps it); ``refiner`` (a model trained
-        by ``--save-model`` or on paired data, ``--model PATH``). The learned methods refine cubic interpolation
-        at the pixel spacing and resample to ``--spacing`` afterwards when they differ.
+        Methods: ``cubic`` / ``linear`` interpolation; ``self-supervised`` (or ``--self-supervised``: learns from
+        the volume's own in-plane detail, SMORE-style, in a few minutes on CPU; ``--save-model`` keeps it);
+        ``refiner`` (a model trained by ``--save-model`` or on paired data, ``--model PATH``); ``ldm`` (the
+        slice_interp_ldm bundle's latent diffusion model, ``--checkpoint`` and ``--autoencoder``, default the
+        bundle's models/; ``--samples K`` > 1 also writes the per-voxel standard deviation, OUT_std.nii.gz).
+        The refiners work at the pixel spacing and resample to ``--spacing`` afterwards when they differ.
         """
         from ctsynth.io import load_volume, save_dicom_series, save_nifti
         from ctsynth.slices import (fit_refiner, interpolate_slices, load_refiner, refine_volume, save_refiner,
                                     self_supervised_pairs)
 
         spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)  # --spacing is multi-valued elsewhere
-        methods = ("cubic", "linear", "self-supervised", "refiner")
+        method = "self-supervised" if self_supervised else method
+        methods = ("cubic", "linear", "self-supervised", "refiner", "ldm")
         if method not in methods:
             raise ValueError(f"--method must be one of {methods}, got {method!r}")
         if method == "refiner" and not model:
             raise ValueError("--method refiner needs --model PATH (a refiner saved with --save-model)")
+        if int(samples) > 1 and method != "ldm":
+            raise ValueError(f"--samples {samples} needs --method ldm (the other methods are deterministic)")
+        if method == "ldm":
+            from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+
+            models = Path(bundle_root("slice_interp_ldm")) / "models"
+            ckpt = checkpoint or str(models / "model.pt")
+            from ctsynth.engine import read_checkpoint_meta
+
+            if "scale_factor" not in read_checkpoint_meta(ckpt):
+                raise ValueError(f"{ckpt}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor); "
+                                 "pass the models/model.pt written by bundles/slice_interp_ldm/configs/train.json")
+            overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
+                         "dicom_out": dicom_out, "checkpoint": ckpt, "inference_steps": int(inference_steps),
+                         "autoencoder_path": autoencoder or str(models / "autoencoder.pt"),
+                         **network_overrides(ckpt, ("prediction_type", "num_train_timesteps", "schedule", "beta_start",
+                                                    "beta_end"))}
+            if device:
+                overrides["device"] = f"$torch.device({device!r})"
+            _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)[0])
+            return
         vol = load_volume(thick, series_uid=series_uid)
         if method in ("cubic", "linear"):
             result = interpolate_slices(vol, spacing_mm=spacing, mode=method)

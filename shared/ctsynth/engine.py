@@ -129,18 +129,25 @@ class NonFiniteLossError(FloatingPointError):
 def optimisation_step(engine: Engine, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                       parameters: Sequence[nn.Parameter] | None = None, grad_clip: float | None = 1.0,
                       scaler: torch.amp.GradScaler | None = None, max_nonfinite: int = 3,
-                      terms: Mapping[str, float] | None = None) -> float | None:
-    """Backward pass, gradient clipping (global norm) and optimiser step.
+                      terms: Mapping[str, float] | None = None, accumulate: int = 1) -> float | None:
+    """Backward pass, gradient clipping (global norm) and optimiser step, with gradient accumulation.
 
-    A non-finite loss skips the step (weights unchanged); ``max_nonfinite`` consecutive ones raise
-    :class:`NonFiniteLossError`. Returns the gradient norm before clipping (None when skipped).
+    With ``accumulate`` = k, gradients of k consecutive calls are summed (each loss divided by k) and the
+    optimiser steps on every k-th call. A non-finite loss skips its contribution (weights unchanged);
+    ``max_nonfinite`` consecutive ones raise :class:`NonFiniteLossError`. Returns the gradient norm before
+    clipping on the calls that step, None otherwise.
     """
-    optimizer.zero_grad(set_to_none=True)
-    count = getattr(engine.state, "nonfinite_losses", 0)
+    accumulate = max(int(accumulate), 1)
+    state = engine.state
+    key = f"accumulated_{id(optimizer)}"  # per optimiser (GAN training steps two)
+    done = getattr(state, key, 0)
+    if done == 0:
+        optimizer.zero_grad(set_to_none=True)
+    count = getattr(state, "nonfinite_losses", 0)
     if not torch.isfinite(loss.detach()):
         count += 1
-        engine.state.nonfinite_losses = count
-        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        state.nonfinite_losses = count
+        where = f"epoch {state.epoch}, iteration {state.iteration}"
         detail = ", ".join(f"{k}={v:.4g}" for k, v in (terms or {}).items())
         logger.warning("non-finite loss at %s (%s); step skipped (%d in a row)", where, detail or "no terms", count)
         if count >= max_nonfinite:
@@ -151,13 +158,17 @@ def optimisation_step(engine: Engine, loss: torch.Tensor, optimizer: torch.optim
                 "(ctsynth prepare reports them), then resume with the same command."
             )
         return None
-    engine.state.nonfinite_losses = 0
+    state.nonfinite_losses = 0
     params = list(parameters) if parameters is not None else [p for g in optimizer.param_groups for p in g["params"]]
+    scaled = loss / accumulate if accumulate > 1 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    done += 1
+    if done < accumulate:
+        setattr(state, key, done)
+        return None
+    setattr(state, key, 0)
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
     if scaler is not None:
         scaler.step(optimizer)
@@ -311,7 +322,12 @@ class CheckpointManager:
             raise ValueError(f"{self.last_path} lacks {missing}; it was written by another configuration. Move it "
                              "away to start over.")
         for k, obj in self.save_dict.items():
-            (unwrap(obj) if isinstance(obj, nn.Module) else obj).load_state_dict(ckpt[k])
+            try:
+                (unwrap(obj) if isinstance(obj, nn.Module) else obj).load_state_dict(ckpt[k])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot resume {k!r} from {self.last_path}: it was written with other settings "
+                                 f"({str(e).splitlines()[0][:300]}). Use the same settings as that run, or move the "
+                                 "file away (or pass --resume false) to start over.") from None
         engine.state.epoch = int(ckpt["trainer"]["epoch"])
         engine.state.iteration = int(ckpt["trainer"]["iteration"])
         self.best_metric = ckpt["manager"]["best_metric"]

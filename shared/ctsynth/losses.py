@@ -138,7 +138,8 @@ class VGG19Features(nn.Module):
     Args:
         last_layer: deepest layer to keep (a key of :data:`VGG19_LAYERS`).
         weights_path: ``.pth``/``.safetensors`` torchvision VGG19 (or VGG19-features) state dict.
-        random_init: allow random weights when no file is given (tests, smoke runs). Never silent.
+        random_init: use random weights on purpose (tests, smoke runs; ``weights_path`` is then ignored). Never
+            silent.
     """
 
     def __init__(self, last_layer: str = "relu4_4", weights_path: str | Path | None = None, random_init: bool = False):
@@ -154,7 +155,7 @@ class VGG19Features(nn.Module):
                 layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
                 in_ch = int(v)
         self.features = nn.Sequential(*layers[: VGG19_LAYERS[last_layer] + 1])
-        if weights_path is not None:
+        if weights_path is not None and not random_init:
             self.load_torchvision_weights(weights_path)
         elif not random_init:
             raise ValueError(
@@ -173,6 +174,11 @@ class VGG19Features(nn.Module):
         Returns:
             (tensors loaded, tensors in this truncated stack).
         """
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"VGG19 weights not found: {path}. Save torchvision's vgg19 ImageNet state dict there (on a machine "
+                "with internet: torch.save(torchvision.models.vgg19(weights='IMAGENET1K_V1').state_dict(), PATH)), "
+                "or set vgg_random_init to true for random features")
         sd = load_state_dict_file(path)
         if not any(k.startswith("features.") for k in sd):
             sd = {f"features.{k}": v for k, v in sd.items()}  # a bare features state dict

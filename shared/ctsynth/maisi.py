@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,19 @@ def build_maisi_autoencoder(**overrides: Any) -> nn.Module:
     args = {**MAISI_AUTOENCODER_ARGS, **overrides}
     if args["norm_float16"] and not torch.cuda.is_available():
         args["norm_float16"] = False
-    return AutoencoderKlMaisi(**args)
+    net = AutoencoderKlMaisi(**args)
+    net.config = dict(overrides)  # what differs from the release: enough to rebuild it (checkpoint meta)
+    return net
 
 
 def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | torch.device = "cpu",
-                           **overrides: Any) -> nn.Module:
+                           args: Mapping[str, Any] | None = None, **overrides: Any) -> nn.Module:
     """Builds the autoencoder and loads weights from ``path`` (``.pt``/``.pth`` state dict, possibly nested under
-    ``state_dict``/``model``/``network``, or ``.safetensors``), frozen and in eval mode.
+    ``state_dict``/``model``/``network``, or ``.safetensors``), frozen and in eval mode. ``args`` (a dict, for
+    configs) and ``overrides`` change constructor arguments.
 
-    Logs how many tensors were loaded out of how many.
+    Files written by ctsynth's training (``train_autoencoder.json``) record their constructor arguments; those
+    are used unless ``overrides`` says otherwise. Logs how many tensors were loaded out of how many.
 
     Raises:
         FileNotFoundError: no such file (with where the weights come from).
@@ -90,6 +94,10 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
             "zoo bundle maisi_ct_generative on a machine with internet access and pass its path, or train one with "
             "the bundle's train_autoencoder.json"
         )
+    from ctsynth.engine import read_checkpoint_meta
+
+    recorded = read_checkpoint_meta(path).get("network_config") if path.suffix != ".safetensors" else None
+    overrides = {**(recorded or {}), **dict(args or {}), **overrides}
     state = load_state_dict_file(path)  # unwraps state_dict / model / network containers
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     net = build_maisi_autoencoder(**overrides)

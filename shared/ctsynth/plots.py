@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_image_png", "save_triplanar_png", "save_curves_png"]
+__all__ = ["save_image_png", "save_triplanar_png", "save_reformat_png", "save_curves_png"]
 
 
 def _save_figure(fig, path: str | Path) -> Path:
@@ -116,4 +116,38 @@ def save_curves_png(curves: Mapping[str, Sequence[float]], path: str | Path, xla
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save_figure(fig, path)
+
+
+def save_reformat_png(volumes: Mapping[str, object], path: str | Path, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+                      window: Sequence[float] = (-1000.0, 1000.0), title: str | None = None) -> Path:
+    """Coronal and sagittal centre reformats of each volume (rows), drawn at their true aspect ratio, where
+    errors of slice interpolation show (staircases, blurred edges along z).
+
+    Args:
+        volumes: name -> (X, Y, Z) volume in HU (RAS: z is the slice axis), all the same shape.
+        spacing_mm: voxel size (x, y, z) in mm.
+        window: HU display window.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = {k: _np3d(v) for k, v in volumes.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"reformat volumes must share a shape, got {sorted(shapes)}")
+    sx, sy, sz = (float(s) for s in spacing_mm)
+    fig, axes = plt.subplots(len(arrays), 2, figsize=(7, 2.6 * len(arrays)), squeeze=False)
+    for row, (name, a) in enumerate(arrays.items()):
+        cor = a[:, a.shape[1] // 2, :].T  # rows z, columns x
+        sag = a[a.shape[0] // 2, :, :].T  # rows z, columns y
+        for col, (img, label, aspect) in enumerate(((cor, "coronal", sz / sx), (sag, "sagittal", sz / sy))):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+            ax.set_title(f"{name}: {label}", fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
     return _save_figure(fig, path)

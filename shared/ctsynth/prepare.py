@@ -28,7 +28,8 @@ from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, volu
 from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
 
 __all__ = ["deterministic_split", "resample_to_cube", "remove_table", "expand_inputs", "prepare_xray2ct", "load_datalist",
-           "slice_spacing_mm", "resample_to_grid", "align_thick_thin", "pick_thick_thin", "prepare_slice_interp"]
+           "slice_spacing_mm", "resample_to_grid", "align_thick_thin", "pick_thick_thin", "prepare_slice_interp",
+           "prepare_phantom_pairs"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
@@ -392,3 +393,35 @@ def prepare_slice_interp(studies: str | Path, out: str | Path, fractions: Sequen
               "per_category": {c: sum(e["category"] == c for e in entries) for c in datalist["meta"]["categories"]}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (64, 64, 84), spacing_mm: float = 2.0,
+                          factor: int = 5, fractions: Sequence[float] = (0.75, 0.15, 0.10), seed: int = 0) -> dict[str, Any]:
+    """The slice_interp_ldm dataset from phantoms: thin phantoms and their ``factor``-times thicker slab averages,
+    laid out and listed exactly as :func:`prepare_slice_interp` writes real studies (categories ``contrast`` /
+    ``non-contrast``, stratified split)."""
+    from ctsynth.phantoms import slab_average, thorax_phantom
+
+    out = Path(out)
+    entries = []
+    for i in tqdm(range(int(n)), desc="phantom pairs", unit="case"):
+        contrast = i % 2 == 1
+        category = "contrast" if contrast else "non-contrast"
+        pid = f"phantom_{i:03d}"
+        thin, _ = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 2000 + i, contrast=contrast, emboli=0.3)
+        thick, thin = align_thick_thin(slab_average(thin, int(factor)), thin)
+        case_dir = out / "cases" / category / pid
+        save_nifti(thick, case_dir / "thick.nii.gz")
+        save_nifti(thin, case_dir / "thin.nii.gz")
+        entries.append({"id": f"{category}/{pid}", "category": category, "source": "ctsynth.phantoms.thorax_phantom",
+                        "thick": str(Path("cases") / category / pid / "thick.nii.gz"),
+                        "thin": str(Path("cases") / category / pid / "thin.nii.gz"),
+                        "thick_spacing_mm": slice_spacing_mm(thick), "thin_spacing_mm": slice_spacing_mm(thin),
+                        "thin_slices": int(thin.shape[3])})
+    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=[e["category"] for e in entries])
+    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
+    datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, "stratified_by": "category",
+                        "categories": sorted({e["category"] for e in entries}), "slab_factor": int(factor)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    return {"prepared": len(entries), "splits": {k: len(datalist[k]) for k in SPLITS}}

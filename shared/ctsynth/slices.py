@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 from ctsynth.phantoms import slab_average
 from ctsynth.transforms import scale_hu, unscale_hu
 
-__all__ = ["INTERPOLATION_MODES", "interpolate_slices", "degrade_along", "self_supervised_pairs", "paired_pairs",
+__all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices", "degrade_along", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner"]
 
 logger = logging.getLogger(__name__)
 INTERPOLATION_MODES = ("linear", "cubic")
 
 
-def _resample_axis(data: torch.Tensor, axis: int, positions: torch.Tensor, mode: str) -> torch.Tensor:
+def resample_axis(data: torch.Tensor, axis: int, positions: torch.Tensor, mode: str) -> torch.Tensor:
     """Samples (X, Y, Z) ``data`` along ``axis`` at fractional voxel ``positions`` (other axes unchanged).
 
     ``linear``: two-tap; ``cubic``: Catmull-Rom (Keys, a = -0.5, which reproduces quadratics), edges clamped.
@@ -57,16 +57,16 @@ def _resample_axis(data: torch.Tensor, axis: int, positions: torch.Tensor, mode:
     return out.movedim(-1, axis)
 
 
-def interpolate_slices(volume: MetaTensor, spacing_mm: float | None = None, factor: float | None = None,
-                       mode: str = "cubic", axis: int = 2) -> MetaTensor:
-    """Resamples a (1, X, Y, Z) volume along ``axis`` to ``spacing_mm`` (or ``factor`` times more slices).
+def slice_positions(volume: MetaTensor, spacing_mm: float | None = None, factor: float | None = None,
+                    count: int | None = None, offset_mm: float = 0.0, axis: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fractional input indices along ``axis`` of a new slice grid, and that grid's affine.
 
-    The first output slice sits on the first input slice; the output covers the input's span (the last
-    input slice is hit exactly when the spacings divide). Cubic is Catmull-Rom (Keys, a = -0.5), clamped at
-    the borders.
+    The new grid starts ``offset_mm`` along the slice direction from the first input slice and steps by
+    ``spacing_mm`` (or input spacing / ``factor``). ``count`` slices; default: as many as fit in the input's
+    span (the last input slice is hit exactly when the spacings divide).
 
     Returns:
-        (1, X, Y, Z') MetaTensor with the new affine.
+        (positions (count,) float64 in input voxel units, 4x4 float64 affine of the new grid).
     """
     if (spacing_mm is None) == (factor is None):
         raise ValueError("give exactly one of spacing_mm and factor")
@@ -76,13 +76,42 @@ def interpolate_slices(volume: MetaTensor, spacing_mm: float | None = None, fact
     if step_out <= 0:
         raise ValueError(f"target spacing must be > 0 mm, got {step_out}")
     n = volume.shape[1 + axis]
-    count = int(math.floor((n - 1) * step_in / step_out + 1e-6)) + 1
-    positions = torch.arange(count, dtype=torch.float64) * (step_out / step_in)
-    data = torch.as_tensor(volume).float()
-    data = data.as_tensor() if isinstance(data, MetaTensor) else data
-    out = _resample_axis(data[0], axis, positions.float(), mode)[None]
+    if count is None:
+        count = int(math.floor(((n - 1) * step_in - offset_mm) / step_out + 1e-6)) + 1
+    if count < 1:
+        raise ValueError(f"no slice of the requested grid (offset {offset_mm} mm, spacing {step_out} mm) lies inside "
+                         f"the input's {(n - 1) * step_in:.1f} mm span")
+    positions = (offset_mm + torch.arange(int(count), dtype=torch.float64) * step_out) / step_in
     new_aff = aff.clone()
     new_aff[:3, axis] = aff[:3, axis] * (step_out / step_in)
+    new_aff[:3, 3] = aff[:3, 3] + aff[:3, axis] * (offset_mm / step_in)
+    return positions, new_aff
+
+
+def thin_grid_offset_mm(thick: MetaTensor, thin: MetaTensor, axis: int = 2) -> float:
+    """Distance (mm) from the thick series' first slice to the thin series' first slice along the slice axis
+    (the ``offset_mm`` that puts :func:`interpolate_slices` output on the thin series' grid)."""
+    a_thick = torch.as_tensor(thick.affine, dtype=torch.float64)
+    a_thin = torch.as_tensor(thin.affine, dtype=torch.float64)
+    direction = a_thick[:3, axis] / a_thick[:3, axis].norm()
+    return float((a_thin[:3, 3] - a_thick[:3, 3]) @ direction)
+
+
+def interpolate_slices(volume: MetaTensor, spacing_mm: float | None = None, factor: float | None = None,
+                       mode: str = "cubic", axis: int = 2, count: int | None = None, offset_mm: float = 0.0) -> MetaTensor:
+    """Resamples a (1, X, Y, Z) volume along ``axis`` to ``spacing_mm`` (or ``factor`` times more slices).
+
+    The grid is that of :func:`slice_positions` (by default the first output slice sits on the first input
+    slice and the output covers the input's span). Cubic is Catmull-Rom (Keys, a = -0.5), clamped at the
+    borders.
+
+    Returns:
+        (1, X, Y, Z') MetaTensor with the new affine.
+    """
+    positions, new_aff = slice_positions(volume, spacing_mm, factor, count, offset_mm, axis)
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    out = resample_axis(data[0], axis, positions.float(), mode)[None]
     return MetaTensor(out, affine=new_aff)
 
 
@@ -93,15 +122,31 @@ def degrade_along(volume: MetaTensor, factor: int, axis: int, mode: str = "cubic
     # thick slice k is centred on original index k*factor + (factor-1)/2
     positions = (torch.arange(n, dtype=torch.float32) - (factor - 1) / 2) / factor
     positions = positions.clamp(0, n_thick - 1)
-    out = _resample_axis(torch.as_tensor(thick).float()[0], axis, positions, mode)[None]
+    out = resample_axis(torch.as_tensor(thick).float()[0], axis, positions, mode)[None]
     return MetaTensor(out, affine=torch.as_tensor(volume.affine).clone())
 
 
-def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
+def _rotate_in_plane(volume: torch.Tensor, angle_deg: float, slice_axis: int) -> torch.Tensor:
+    """(1, X, Y, Z) rotated by ``angle_deg`` about ``slice_axis`` (bicubic, reflected borders), same shape."""
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    planes = data[0].movedim(slice_axis, 0)[:, None]  # (n, 1, a, b)
+    t = math.radians(angle_deg)
+    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]]).expand(planes.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(planes.shape), align_corners=False)
+    out = F.grid_sample(planes, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    return out[:, 0].movedim(0, slice_axis)[None]
+
+
+def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2,
+                          angles: Sequence[float] = (0.0,)) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
     """(degraded, sharp, degraded axis, plane normal) pairs from a thick volume's own in-plane detail
     (SMORE-style): the in-plane slices, degraded along x or y with the thick slice profile.
 
     The factor is the ratio of slice spacing to in-plane spacing (rounded); both in-plane axes are degraded.
+    Each extra angle of ``angles`` (degrees) adds the in-plane slices rotated by it, degraded along both
+    axes: edges at every orientation to the degraded axis, as in the through-plane reformats the model is
+    applied to (SMORE's rotation augmentation).
 
     Raises:
         ValueError: the slices are not thicker than the pixels (nothing to learn).
@@ -113,7 +158,11 @@ def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2) -> list[tuple[
     if factor < 2:
         raise ValueError(f"slice spacing {sp[slice_axis]:.2f} mm is not at least twice the pixel spacing "
                          f"{min(sp[i] for i in in_plane):.2f} mm; self-supervised training has nothing to learn")
-    return [(degrade_along(thick, factor, ax), thick, ax, slice_axis) for ax in in_plane]
+    pairs = []
+    for angle in angles:
+        vol = thick if not angle else MetaTensor(_rotate_in_plane(thick, float(angle), slice_axis), affine=aff)
+        pairs += [(degrade_along(vol, factor, ax), vol, ax, slice_axis) for ax in in_plane]
+    return pairs
 
 
 def paired_pairs(upsampled: MetaTensor, thin: MetaTensor, slice_axis: int = 2) -> list[tuple[MetaTensor, MetaTensor, int, int]]:

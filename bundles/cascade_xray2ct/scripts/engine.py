@@ -5,8 +5,8 @@ A batch (from the bundle's preprocessing) holds ``xrays`` (B, V, H, W) normalise
 its affine. The stage's prediction is compared with the target by the engine's ``loss_function``
 (:class:`ctsynth.losses.CompositeLoss`), which also gets the affine and geometry for the DRR term.
 
-Optional adversarial training (seed 002): a PatchGAN discriminator (MONAI ``PatchDiscriminator``) with
-least-squares GAN loss and feature matching on its intermediate activations.
+Optional adversarial training (seed 002): :class:`ctsynth.adversarial.AdversarialTerms` around a PatchGAN
+discriminator (MONAI ``PatchDiscriminator``), least-squares GAN loss and feature matching.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
-from torch import nn
-
+from ctsynth.adversarial import AdversarialTerms
 from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters, unwrap
 from ctsynth.transforms import geometries_from_batch
 
@@ -38,29 +36,17 @@ class CascadeIteration:
         grad_clip: global gradient-norm clip (training).
         amp: mixed precision on GPU (bf16 where supported); ignored on CPU.
         max_nonfinite: consecutive NaN/Inf losses tolerated (steps skipped) before stopping with an error.
-        discriminator: PatchGAN discriminator for adversarial training (None: off).
-        d_optimizer: its optimiser.
-        adversarial_weight / feature_matching_weight: generator loss weights of the two GAN terms.
+        adversarial: adversarial training terms (None: off).
     """
 
     def __init__(self, stage: int = 1, image_key: str = "image_64", xray_key: str = "xrays",
                  geometry_key: str = "geometry", grad_clip: float | None = 1.0, amp: bool = False,
-                 max_nonfinite: int = 3, discriminator: nn.Module | None = None,
-                 d_optimizer: torch.optim.Optimizer | None = None, adversarial_weight: float = 0.0,
-                 feature_matching_weight: float = 0.0) -> None:
+                 max_nonfinite: int = 3, adversarial: AdversarialTerms | None = None) -> None:
         if int(stage) < 1:
             raise ValueError(f"stage is 1-based, got {stage}")
-        if discriminator is not None and d_optimizer is None:
-            raise ValueError("adversarial training needs d_optimizer for the discriminator")
         self.stage, self.image_key, self.xray_key, self.geometry_key = int(stage), image_key, xray_key, geometry_key
         self.grad_clip, self.amp, self.max_nonfinite = grad_clip, amp, max_nonfinite
-        self.discriminator, self.d_optimizer = discriminator, d_optimizer
-        self.adversarial_weight, self.feature_matching_weight = float(adversarial_weight), float(feature_matching_weight)
-        self._adv_loss = None
-        if discriminator is not None:
-            from monai.losses import PatchAdversarialLoss
-
-            self._adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.adversarial = adversarial
 
     def _inputs(self, engine: Any, batch: dict[str, Any]):
         device = engine.state.device
@@ -108,36 +94,14 @@ class CascadeIteration:
         loss = engine.loss_function(pred, target.as_tensor() if hasattr(target, "as_tensor") else target,
                                     affine=affine, geometry=geoms)
         terms = dict(getattr(engine.loss_function, "last_terms", {}))
-        if self.discriminator is not None:
-            loss, gan_terms = self._generator_gan_terms(pred, target, loss)
+        gan = self.adversarial is not None and self.adversarial.active(engine)
+        if gan:
+            g_loss, gan_terms = self.adversarial.generator_terms(pred, target)
+            loss = loss + g_loss
             terms.update(gan_terms)
         norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network),
                                  self.grad_clip, scaler, self.max_nonfinite, terms)
-        if self.discriminator is not None and norm is not None:
-            terms["d_loss"] = self._discriminator_step(engine, pred.detach(), target)
+        if gan and norm is not None:
+            terms["d_loss"] = self.adversarial.discriminator_step(engine, pred.detach(), target)
         return {Keys.IMAGE: xrays, Keys.LABEL: target, Keys.PRED: pred.detach(), Keys.LOSS: float(loss.detach()),
                 "terms": terms, "grad_norm": norm}
-
-    def _generator_gan_terms(self, pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor):
-        d = self.discriminator
-        for p in d.parameters():
-            p.requires_grad_(False)
-        fake_out = d(pred)
-        with torch.no_grad():
-            real_out = d(torch.as_tensor(target))
-        adv = self._adv_loss(fake_out[-1], target_is_real=True, for_discriminator=False)
-        fm = sum(F.l1_loss(f, r) for f, r in zip(fake_out[:-1], real_out[:-1])) / max(len(fake_out) - 1, 1)
-        for p in d.parameters():
-            p.requires_grad_(True)
-        total = loss + self.adversarial_weight * adv + self.feature_matching_weight * fm
-        return total, {"adv": float(adv.detach()), "feature_matching": float(fm.detach())}
-
-    def _discriminator_step(self, engine: Any, fake: torch.Tensor, target: torch.Tensor) -> float:
-        d = self.discriminator
-        d.train()
-        real = self._adv_loss(d(torch.as_tensor(target))[-1], target_is_real=True, for_discriminator=True)
-        fake_l = self._adv_loss(d(fake)[-1], target_is_real=False, for_discriminator=True)
-        d_loss = 0.5 * (real + fake_l)
-        optimisation_step(engine, d_loss, self.d_optimizer, list(d.parameters()), self.grad_clip, None,
-                          self.max_nonfinite)
-        return float(d_loss.detach())

@@ -1,0 +1,151 @@
+"""Evaluation on the test split (``evaluate.json``): the diffusion model next to linear and cubic interpolation,
+the autoencoder's ceiling and the fast refiners, in HU, 3D and per slice, on two windows.
+
+Per case, every method predicts the thin series on the thin series' own grid (spacing, slice count and the
+offset of its first slice from the thick series'), and is compared with it:
+
+* ``linear`` / ``cubic``: interpolation of the thick slices;
+* ``vae_ceiling``: the thin series encoded and decoded by the autoencoder (no model working in its latent
+  space can do better);
+* ``ldm``: the latent diffusion model (DDIM, ``samples`` averaged);
+* ``refiner``: the fast paired model (``ctsynth.slices.SliceRefiner`` from ``refiner_path``);
+* ``self_supervised``: a refiner fitted on each thick series alone (SMORE-style), never seeing the thin one.
+
+Writes ``metrics.json`` (per case and mean), ``metrics.md`` and, per case, a coronal/sagittal reformat PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from ctsynth.io import load_volume
+from ctsynth.maisi import ct_to_unit, unit_to_ct
+from ctsynth.metrics import compute_image_metrics
+from ctsynth.plots import save_reformat_png
+from ctsynth.prepare import load_datalist, slice_spacing_mm
+from ctsynth.slices import (fit_refiner, interpolate_slices, load_refiner, refine_volume, self_supervised_pairs,
+                            thin_grid_offset_mm)
+
+from .inference import SliceInterpolator
+
+__all__ = ["EVALUATION_METHODS", "SliceInterpEvaluation"]
+
+logger = logging.getLogger(__name__)
+EVALUATION_METHODS = ("linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised")
+METRIC_MODES = ("3d", "per-slice")
+
+
+class SliceInterpEvaluation:
+    """Runs the evaluation (``run()``) and returns its summary.
+
+    Args:
+        datalist: the prepared datalist JSON.
+        output_dir: where metrics and figures go.
+        interpolator: the trained model (needed by ``ldm`` and ``vae_ceiling``).
+        methods: subset of :data:`EVALUATION_METHODS`.
+        split: datalist split.
+        windows: HU windows of the metrics (data range = window width).
+        samples: diffusion samples averaged per case.
+        refiner_path: paired refiner weights (``refiner``).
+        self_supervised_steps: fitting steps of the per-case self-supervised refiner.
+        seed: sampling / fitting seed.
+    """
+
+    def __init__(self, datalist: str | Path, output_dir: str | Path, interpolator: SliceInterpolator | None = None,
+                 methods: Sequence[str] = ("linear", "cubic", "vae_ceiling", "ldm"), split: str = "test",
+                 windows: Sequence[Sequence[float]] = ((-1024, 3071), (-1000, 1000)), samples: int = 1,
+                 refiner_path: str | Path | None = None, self_supervised_steps: int = 400, seed: int = 0) -> None:
+        unknown = sorted(set(methods) - set(EVALUATION_METHODS))
+        if unknown:
+            raise ValueError(f"unknown evaluation methods {unknown}; choose from {EVALUATION_METHODS}")
+        if interpolator is None and {"ldm", "vae_ceiling"} & set(methods):
+            raise ValueError("methods ldm and vae_ceiling need the trained model (interpolator)")
+        if "refiner" in methods and not refiner_path:
+            raise ValueError("method refiner needs refiner_path (a model from `ctsynth interpolate ... --save-model` "
+                             "or the demo's paired refiner)")
+        self.datalist, self.out = Path(datalist), Path(output_dir)
+        self.interpolator, self.methods, self.split = interpolator, list(methods), split
+        self.windows = [[float(w[0]), float(w[1])] for w in windows]
+        self.samples, self.refiner_path, self.ss_steps, self.seed = int(samples), refiner_path, int(self_supervised_steps), seed
+        self._refiner = None
+
+    def _refined(self, model, thick: MetaTensor, spacing: float, count: int, offset: float) -> MetaTensor:
+        aff = torch.as_tensor(thick.affine, dtype=torch.float64)
+        pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
+        if abs(pixel - spacing) < 1e-3:
+            return refine_volume(model, interpolate_slices(thick, spacing_mm=spacing, count=count, offset_mm=offset))
+        fine = refine_volume(model, interpolate_slices(thick, spacing_mm=pixel))  # the refiner's own grid
+        return interpolate_slices(fine, spacing_mm=spacing, count=count, offset_mm=offset)
+
+    def predict(self, method: str, thick: MetaTensor, thin: MetaTensor) -> MetaTensor:
+        """``method``'s thin volume (HU) on ``thin``'s grid."""
+        sn, n, offset = slice_spacing_mm(thin), int(thin.shape[3]), thin_grid_offset_mm(thick, thin)
+        if method in ("linear", "cubic"):
+            return interpolate_slices(thick, spacing_mm=sn, count=n, offset_mm=offset, mode=method)
+        if method == "vae_ceiling":
+            rec = self.interpolator.codec.reconstruct(ct_to_unit(thin.as_tensor().float())[None])
+            return MetaTensor(unit_to_ct(rec)[0].cpu(), affine=thin.affine)
+        if method == "ldm":
+            return self.interpolator(thick, sn, self.samples, count=n, offset_mm=offset, seed=self.seed)[0]
+        if method == "refiner":
+            self._refiner = self._refiner or load_refiner(self.refiner_path)
+            return self._refined(self._refiner, thick, sn, n, offset)
+        model = fit_refiner(self_supervised_pairs(thick), steps=self.ss_steps, seed=self.seed, progress=False)
+        return self._refined(model, thick, sn, n, offset)
+
+    def run(self) -> dict[str, Any]:
+        entries = load_datalist(self.datalist, self.split)
+        cases, seconds = [], {m: 0.0 for m in self.methods}
+        for e in tqdm(entries, desc=f"evaluate {self.split}", unit="case"):
+            thick, thin = load_volume(e["thick"]), load_volume(e["thin"])
+            preds = {}
+            for m in self.methods:
+                t = time.perf_counter()
+                preds[m] = self.predict(m, thick, thin)
+                seconds[m] += time.perf_counter() - t
+                if tuple(preds[m].shape) != tuple(thin.shape):
+                    raise RuntimeError(f"{m} produced {tuple(preds[m].shape)} for a {tuple(thin.shape)} thin series")
+            row: dict[str, Any] = {"id": e.get("id"), "category": e.get("category"), "metrics": []}
+            for m, p in preds.items():
+                for w in self.windows:
+                    for mode in METRIC_MODES:
+                        r = compute_image_metrics(p, thin, window=w, mode=mode, slice_axis=2)
+                        row["metrics"].append({"method": m, "window": w, "mode": mode, "psnr": r["psnr"],
+                                               "ssim": r["ssim"], "mae": r["mae"]})
+            aff = torch.as_tensor(thin.affine, dtype=torch.float64)
+            spacing = [float(aff[:3, i].norm()) for i in range(3)]
+            shown = {"ground truth": thin, **{m: preds[m] for m in ("cubic", "ldm", "refiner", "self_supervised")
+                                              if m in preds}}
+            name = str(e.get("id", len(cases))).replace("/", "__")
+            row["reformat_png"] = str(save_reformat_png(shown, self.out / "reformats" / f"{name}.png", spacing,
+                                                        title=str(e.get("id", ""))))
+            cases.append(row)
+        summary = []
+        for m in self.methods:
+            for w in self.windows:
+                for mode in METRIC_MODES:
+                    rows = [r for c in cases for r in c["metrics"] if r["method"] == m and r["window"] == w
+                            and r["mode"] == mode]
+                    summary.append({"method": m, "window": w, "mode": mode, "data_range": w[1] - w[0],
+                                    **{k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "mae")}})
+        report = {"split": self.split, "cases": cases, "summary": summary, "samples": self.samples,
+                  "seconds_per_case": {m: s / max(len(cases), 1) for m, s in seconds.items()},
+                  "definitions": {"psnr": "dB, data range = window width", "mae": "HU", "3d": "one value per volume",
+                                  "per-slice": "2D metrics averaged over axial slices"}}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.json").write_text(json.dumps(report, indent=2))
+        lines = ["| method | window (HU) | mode | PSNR (dB) | SSIM | MAE (HU) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | [{r['window'][0]:g}, {r['window'][1]:g}] | {r['mode']} | {r['psnr']:.2f} | "
+                  f"{r['ssim']:.4f} | {r['mae']:.1f} |" for r in summary]
+        (self.out / "metrics.md").write_text("\n".join(lines) + "\n")
+        logger.info("evaluation of %d %s cases written to %s", len(cases), self.split, self.out)
+        return report

@@ -1,0 +1,127 @@
+"""The denoiser and DDIM sampling over whole volumes.
+
+:class:`Denoiser` is MONAI's ``DiffusionModelUNet`` for latent conditioning by concatenation (in channels =
+2 x latent channels) that records its arguments, so checkpoints can rebuild it.
+:class:`LatentDiffusionSampler` runs DDIM from noise to latents of any depth: at every step the denoiser is
+applied in overlapping windows along depth (MONAI sliding-window inference, Gaussian blending), so memory is
+that of one window whatever the volume's length.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["PREDICTION_TYPES", "Denoiser", "predicted_original", "LatentDiffusionSampler"]
+
+logger = logging.getLogger(__name__)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class Denoiser(DiffusionModelUNet):
+    """MONAI ``DiffusionModelUNet`` (3D) taking noisy latents concatenated with conditioning latents
+    (in channels = 2 x ``latent_channels``), with ``config`` (its arguments, recorded in checkpoints so they can
+    rebuild it) and ``multiple`` (spatial sizes must be divisible by it).
+
+    Args:
+        latent_channels: channels of the autoencoder's latents.
+        unet_args: ``DiffusionModelUNet`` arguments (``channels``, ``attention_levels``, ``num_res_blocks``,
+            ``num_head_channels``, ``norm_num_groups``, ...).
+
+    Shapes:
+        forward(x (B, 2C, x, y, z), timesteps (B,)) -> (B, C, x, y, z).
+    """
+
+    def __init__(self, latent_channels: int = 4, **unet_args: Any) -> None:
+        for k in ("spatial_dims", "in_channels", "out_channels"):
+            if k in unet_args:
+                raise ValueError(f"{k} is fixed by latent_channels ({latent_channels}); do not set it")
+        super().__init__(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels, **unet_args)
+        self.config = {"latent_channels": latent_channels, **unet_args}
+        self.multiple = 2 ** (len(unet_args.get("channels", (32, 64, 64, 64))) - 1)
+
+
+def predicted_original(scheduler: Any, noisy: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latents the denoiser's ``output`` implies at ``timesteps`` (per batch item)."""
+    a = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, *([1] * (noisy.ndim - 1)))
+    kind = scheduler.prediction_type
+    if kind == "epsilon":
+        return (noisy - (1 - a).sqrt() * output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * noisy - (1 - a).sqrt() * output
+    if kind == "sample":
+        return output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pads = [(-s) % multiple for s in x.shape[-3:]]
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate") if any(pads) else x
+
+
+class LatentDiffusionSampler:
+    """DDIM sampling of latents given conditioning latents of the same size.
+
+    Args:
+        network: the denoiser (input: noisy and conditioning latents concatenated on channels).
+        scheduler: MONAI ``DDIMScheduler`` with the training schedule and prediction type.
+        num_inference_steps: DDIM steps.
+        window: latent depth of the denoiser's windows (None: the whole depth at once).
+        overlap: fraction of a window shared with its neighbour.
+        eta: DDIM stochasticity (0: deterministic given the initial noise).
+        multiple: spatial sizes are padded (replicate) to multiples of it; default the network's ``multiple``.
+        progress: show a progress bar over the steps.
+    """
+
+    def __init__(self, network: nn.Module, scheduler: Any, num_inference_steps: int = 50, window: int | None = 16,
+                 overlap: float = 0.25, eta: float = 0.0, multiple: int | None = None, progress: bool = True) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+        self.network, self.scheduler = network, scheduler
+        self.num_inference_steps, self.window, self.overlap, self.eta = int(num_inference_steps), window, overlap, eta
+        self.multiple = int(multiple or getattr(getattr(network, "module", network), "multiple", 8))
+        if window is not None and (window < 1 or window % self.multiple):
+            raise ValueError(f"window ({window}) must be a positive multiple of {self.multiple} (the denoiser's "
+                             "downsampling)")
+        self.progress = progress
+
+    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        inp = torch.cat([x, cond], dim=1)
+
+        def predictor(w: torch.Tensor) -> torch.Tensor:
+            return self.network(w, torch.full((w.shape[0],), int(t), device=w.device, dtype=torch.long))
+
+        if self.window is None or inp.shape[-1] <= self.window:
+            return predictor(inp)
+        roi = (inp.shape[-3], inp.shape[-2], self.window)
+        return sliding_window_inference(inp, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=self.overlap,
+                                        mode="gaussian", padding_mode="replicate", progress=False)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, x, y, z) conditioning latents (scaled) -> (B, C, x, y, z) sampled latents (scaled)."""
+        if cond.ndim != 5:
+            raise ValueError(f"expected (B, C, x, y, z) conditioning latents, got {tuple(cond.shape)}")
+        size = cond.shape[-3:]
+        c = _pad_to(cond.float(), self.multiple)
+        if noise is None:
+            noise = torch.randn(c.shape, generator=generator, device="cpu" if generator is None else generator.device)
+        x = _pad_to(noise.to(c), self.multiple) if noise.shape != c.shape else noise.to(c)
+        self.network.eval()
+        self.scheduler.set_timesteps(self.num_inference_steps, device=c.device)
+        steps = self.scheduler.timesteps
+        for t in tqdm(steps, desc="DDIM", unit="step", disable=not self.progress, leave=False):
+            out = self._denoise(x, c, t)
+            x, _ = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
+        return x[..., :size[0], :size[1], :size[2]]

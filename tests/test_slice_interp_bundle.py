@@ -1,0 +1,222 @@
+"""slice_interp_ldm bundle on tiny phantom pairs: conditioning geometry, latent cache, denoiser and DDIM sampling,
+autoencoder and diffusion training through `monai.bundle run` (resume), evaluation, inference and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+from ctsynth.cli import main
+from ctsynth.engine import read_checkpoint_meta
+from ctsynth.io import load_volume
+from ctsynth.maisi import LatentCodec
+from ctsynth.phantoms import grid_affine
+from ctsynth.prepare import load_datalist, prepare_phantom_pairs
+
+ROOT = Path(bundle_root("slice_interp_ldm"))
+CONFIGS = ROOT / "configs"
+from scripts.latents import LatentPairCache, ThickConditioner  # noqa: E402  (bundle root is on sys.path now)
+from scripts.sampling import Denoiser, LatentDiffusionSampler, predicted_original  # noqa: E402
+
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai-schema" / "meta_schema_20240725.json"
+AE = {"num_channels": [4, 8, 8], "norm_num_groups": 4, "num_splits": 1}
+UNET = {"network_def#channels": [8, 8, 8, 8], "network_def#attention_levels": [False, True, False, False],
+        "network_def#num_head_channels": 8, "network_def#norm_num_groups": 4, "network_def#num_res_blocks": 1}
+META_KEYS = ("prediction_type", "num_train_timesteps", "schedule", "beta_start", "beta_end")
+
+
+class PoolingAutoencoder(nn.Module):
+    """Stand-in encoder with a known latent: 4x average pooling (decode: nearest upsampling)."""
+
+    def encode(self, x):
+        z = F.avg_pool3d(x, 4)
+        return z, torch.ones_like(z)
+
+    def decode(self, z):
+        return F.interpolate(z, scale_factor=4, mode="nearest")
+
+
+def _linear_in_z(n, spacing, origin_z=0.0):
+    z = origin_z + torch.arange(n, dtype=torch.float32) * spacing
+    aff = grid_affine((8, 8, n), (4.0, 4.0, spacing))
+    aff[2, 3] = origin_z
+    return MetaTensor((-900 + 8 * z).expand(1, 8, 8, n).clone(), affine=aff)
+
+
+@pytest.mark.parametrize("mode", ["latent", "image"])
+def test_conditioning_lands_on_the_thin_latent_grid(mode):
+    # HU linear in z: slab averages and pooled latents are exact samples of the same line, so the conditioning
+    # must equal the thin series' own latents wherever it interpolates (the last latent may extrapolate)
+    thin = _linear_in_z(80, 1.0)
+    thick = _linear_in_z(16, 5.0, origin_z=2.0)  # 5 mm slabs centred 2 mm after the first thin slice
+    codec = LatentCodec(PoolingAutoencoder(), chunk=256)
+    # thin grid of 76 slices from z = 4 mm: 2 mm after the first thick slice centre
+    cond = ThickConditioner(codec, mode)(thick, 1.0, count=76, offset_mm=2.0)
+    z_thin = codec.encode(((thin.as_tensor()[..., 4:80] + 1000) / 2000)[None])
+    assert cond.shape == z_thin.shape == (1, 1, 2, 2, 19)
+    assert torch.allclose(cond[..., 1:-2], z_thin[..., 1:-2], atol=1e-5), (cond[0, 0, 0, 0], z_thin[0, 0, 0, 0])
+
+
+def test_conditioning_rejects_unknown_modes_and_2d_input():
+    codec = LatentCodec(PoolingAutoencoder(), chunk=16)
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        ThickConditioner(codec, "crossattn")
+    with pytest.raises(ValueError, match=r"\(1, X, Y, Z\)"):
+        ThickConditioner(codec)(MetaTensor(torch.zeros(8, 8, 8)), 1.0, 8)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_predicted_original_inverts_each_training_target(kind):
+    from scripts.engine import DiffusionIteration
+
+    sched = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195,
+                          prediction_type=kind, clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    noisy = sched.add_noise(z0, noise, t)
+    target = DiffusionIteration(sched).target(z0, noise, t)
+    assert torch.allclose(predicted_original(sched, noisy, target, t), z0, atol=2e-3)
+
+
+def test_sampler_covers_any_depth_in_windows():
+    torch.manual_seed(0)
+    net = Denoiser(4, channels=[8, 8, 8], attention_levels=[False, False, False], num_res_blocks=1,
+                   norm_num_groups=4, num_head_channels=8)
+    assert net.multiple == 4 and net.config["latent_channels"] == 4
+    sched = DDIMScheduler(1000, clip_sample=False)
+    cond = torch.randn(1, 4, 6, 6, 13)  # odd sizes: padded inside, cropped back
+    windowed = LatentDiffusionSampler(net, sched, 3, window=8, progress=False)
+    whole = LatentDiffusionSampler(net, sched, 3, window=None, progress=False)
+    noise = torch.randn(1, 4, 6, 6, 13)
+    a, b = windowed(cond, noise=noise), whole(cond, noise=noise)
+    assert a.shape == cond.shape and torch.isfinite(a).all()
+    assert not torch.equal(a, cond)
+    assert (a - b).abs().mean() < 0.5 * b.abs().mean()  # windows blend into nearly the whole-volume result
+    with pytest.raises(ValueError, match="multiple of 4"):
+        LatentDiffusionSampler(net, sched, 3, window=6)
+    with pytest.raises(ValueError, match="spatial_dims is fixed"):
+        Denoiser(4, spatial_dims=2)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.json")))
+def test_configs_are_valid_json_without_lambdas(name):
+    text = (CONFIGS / name).read_text()
+    json.loads(text)
+    assert "lambda" not in text
+
+
+def test_inference_matches_training_and_seed_network():
+    train = ConfigParser.load_config_file(CONFIGS / "train.json")
+    infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    assert train["network_def"] == infer["network_def"]
+    for k in META_KEYS:
+        assert train[k] == infer[k], k
+    assert train["network_def"]["channels"] == [192, 384, 768, 768]  # the seed's "medium" UNet
+    assert train["num_train_timesteps"] == 1000 and infer["inference_steps"] == 50
+    assert train["image_loss_weights"] == {"vgg": 0.1, "ms_ssim": 0.1} and train["image_loss_interval"] == 10
+
+
+def test_metadata_verifies_offline(tmp_path):
+    pytest.importorskip("jsonschema")
+    if not SCHEMA.is_file():
+        pytest.skip(f"MONAI's metadata schema is not beside this checkout ({SCHEMA})")
+    from monai.bundle import verify_metadata
+
+    target = tmp_path / "schema.json"
+    target.write_text(SCHEMA.read_text())
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(target))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slice_interp")
+    prep = prepare_phantom_pairs(root / "data", n=6, shape=(32, 32, 44), spacing_mm=4.0, fractions=(0.5, 0.25, 0.25))
+    assert prep["splits"] == {"training": 3, "validation": 2, "test": 1} or sum(prep["splits"].values()) == 6
+    common = {"dataset_dir": str(root / "data"), "models_dir": str(root / "models"), "output_dir": str(root / "eval"),
+              "num_workers": 0, "autoencoder_args": AE, "vgg_random_init": True}
+    run_bundle("slice_interp_ldm", ["train_autoencoder.json"], "training", {
+        **common, "epochs": 1, "patch_size": [16, 16, 16], "val_patch_size": [32, 32, 32], "adversarial_start": 1,
+        "discriminator#channels": 4, "discriminator#num_layers_d": 2})
+    files = json.dumps([str(CONFIGS / "train.json")])
+    over = {**common, **UNET, "epochs": 1, "crop_depth": 8, "sampler_window": 8, "val_steps": 2,
+            "image_loss_interval": 1, "codec_chunk": 16}
+    args = []
+    for k, v in over.items():
+        args += [f"--{k}", v if isinstance(v, str) else repr(v)]  # Python literals: what fire parses
+    res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, *args],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root, common, over
+
+
+def test_training_writes_checkpoints_cache_and_resumes(trained):
+    root, common, over = trained
+    meta = read_checkpoint_meta(root / "models" / "model.pt")
+    assert meta["conditioning"] == "latent" and meta["prediction_type"] == "epsilon" and meta["scale_factor"] > 0
+    assert meta["network_config"]["channels"] == [8, 8, 8, 8]
+    ae_meta = read_checkpoint_meta(root / "models" / "autoencoder.pt")
+    assert ae_meta["network_config"] == AE  # the autoencoder file rebuilds itself
+    index = json.loads((root / "data" / "latents" / "index.json").read_text())
+    assert index["signature"]["conditioning"] == "latent" and index["scale_factor"] == pytest.approx(meta["scale_factor"])
+    first = torch.load(root / "models" / "diffusion" / "checkpoint_last.pt", weights_only=True)["trainer"]
+    stamp = {p: p.stat().st_mtime_ns for p in (root / "data" / "latents").rglob("*.pt")}
+    run_bundle("slice_interp_ldm", ["train.json"], "training", {**over, "epochs": 2})
+    second = torch.load(root / "models" / "diffusion" / "checkpoint_last.pt", weights_only=True)["trainer"]
+    assert second == {"epoch": 2, "iteration": 2 * first["iteration"]}
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # latents were reused, not re-encoded
+    hist = json.loads((root / "eval" / "diffusion" / "history.json").read_text())["epochs"]
+    assert [h["epoch"] for h in hist] == [1, 2] and "val_psnr" in hist[-1] and "loss_image_vgg" in hist[-1]
+
+
+def test_evaluation_compares_every_method(trained):
+    root, common, over = trained
+    ckpt = root / "models" / "model.pt"
+    report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
+        **over, **network_overrides(ckpt, META_KEYS), "inference_steps": 2, "self_supervised_steps": 5,
+        "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "self_supervised"]})[0]
+    combos = {(r["method"], tuple(r["window"]), r["mode"]) for r in report["summary"]}
+    assert combos == {(m, w, mode) for m in ("linear", "cubic", "vae_ceiling", "ldm", "self_supervised")
+                      for w in ((-1024.0, 3071.0), (-1000.0, 1000.0)) for mode in ("3d", "per-slice")}
+    rows = {(r["method"], r["mode"]): r for r in report["summary"] if r["window"] == [-1000.0, 1000.0]}
+    assert rows[("cubic", "3d")]["psnr"] > 20 and rows[("cubic", "3d")]["psnr"] >= rows[("linear", "3d")]["psnr"] - 0.5
+    for f in ("metrics.json", "metrics.md"):
+        assert (root / "eval" / f).stat().st_size > 100
+    assert all(Path(c["reformat_png"]).stat().st_size > 1000 for c in report["cases"])
+    with pytest.raises(ValueError, match="unknown evaluation methods"):
+        run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {**over, "eval_methods": ["sinc"]})
+
+
+def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys):
+    root, common, over = trained
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    out = tmp_path / "thin.nii.gz"
+    main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm", "--spacing", "2.0", "--samples", "2",
+          "--checkpoint", str(root / "models" / "model.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt"),
+          "--inference-steps", "2", "--dicom-out", str(tmp_path / "dicom")])
+    report = json.loads(capsys.readouterr().out)
+    thick = load_volume(case["thick"])
+    expected = (thick.shape[3] - 1) * 10 + 1  # 20 mm slices -> 2 mm, over the thick series' span
+    vol, std = load_volume(out), load_volume(report["uncertainty"])
+    assert vol.shape[1:] == (32, 32, expected) and std.shape == vol.shape and float(std.min()) >= 0
+    assert float(std.mean()) > 0  # two samples differ
+    assert report["dicom_files"] == expected
+    with pytest.raises(ValueError, match="not finer than"):
+        main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm", "--spacing", "30",
+              "--checkpoint", str(root / "models" / "model.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])
+    with pytest.raises(ValueError, match="--samples 2 needs --method ldm"):
+        main(["interpolate", case["thick"], "--out", str(out), "--samples", "2"])
+    with pytest.raises(ValueError, match="not a slice_interp_ldm diffusion checkpoint"):
+        main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm",
+              "--checkpoint", str(root / "models" / "autoencoder.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])
