@@ -173,3 +173,42 @@ def test_amp_settings_and_trainable_parameters():
     net.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         trainable_parameters(net)
+
+
+def test_gradient_accumulation_steps_once_with_the_mean_gradient():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = Engine(lambda e, b: None)
+    targets = (10.0, 30.0)  # gradients -20 and -60: mean -40
+    norms = [optimisation_step(engine, (model(torch.ones(1, 1)) - t).pow(2).sum(), opt, grad_clip=None, accumulate=2)
+             for t in targets]
+    assert norms[0] is None and norms[1] == pytest.approx(40.0)
+    assert float(model.weight) == pytest.approx(40.0)  # one step with the mean gradient
+
+
+def test_adversarial_terms_warm_up_and_update_the_discriminator():
+    from monai.networks.nets import PatchDiscriminator
+
+    from ctsynth.adversarial import AdversarialTerms
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=4, in_channels=1, out_channels=1)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        AdversarialTerms(d, opt, criterion="wasserstein")
+    adv = AdversarialTerms(d, opt, adversarial_weight=0.5, feature_matching_weight=1.0, start=3)
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration = 2
+    assert not adv.active(engine)
+    engine.state.iteration = 3
+    assert adv.active(engine)
+    fake = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    real = torch.rand(2, 1, 16, 16, 16)
+    g, terms = adv.generator_terms(fake, real)
+    g.backward()
+    assert fake.grad is not None and set(terms) == {"adv", "feature_matching"} and terms["feature_matching"] > 0
+    assert all(p.grad is None for p in d.parameters())  # the generator step leaves the discriminator alone
+    before = [p.detach().clone() for p in d.parameters()]
+    d_loss = adv.discriminator_step(engine, fake.detach(), real)
+    assert d_loss > 0 and any(not torch.equal(b, p) for b, p in zip(before, d.parameters()))

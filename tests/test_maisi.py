@@ -27,6 +27,9 @@ def test_small_weights_in_the_released_key_layout_load(tmp_path):
         assert torch.equal(net.state_dict()[k], v)
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "wrapped.pt")
     assert load_maisi_autoencoder(tmp_path / "wrapped.pt", **SMALL).loaded_tensors == (130, 130)
+    # files written by ctsynth's training record their constructor arguments: no overrides needed
+    torch.save({"network": src.state_dict(), "meta": {"network_config": src.config}}, tmp_path / "trained.pt")
+    assert src.config == SMALL and load_maisi_autoencoder(tmp_path / "trained.pt").loaded_tensors == (130, 130)
 
 
 def test_loading_errors_name_the_problem(tmp_path):

@@ -101,3 +101,19 @@ def test_prepare_slice_interp_cli(tmp_path, capsys):
     assert thin.shape[3] == (thick.shape[3] - 1) * 5 + 1
     with pytest.raises(FileNotFoundError, match="category folders"):
         main(["prepare", "slice-interp", "--studies", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+
+
+def test_phantom_pairs_follow_the_prepared_layout(tmp_path, capsys):
+    from ctsynth.cli import main
+
+    main(["prepare", "phantom-pairs", "--out", str(tmp_path / "d"), "--n", "4", "--shape", "16", "16", "30",
+          "--spacing", "2.0"])
+    assert json.loads(capsys.readouterr().out)["prepared"] == 4
+    data = json.loads((tmp_path / "d" / "datalist.json").read_text())
+    assert data["meta"]["categories"] == ["contrast", "non-contrast"] and data["meta"]["slab_factor"] == 5
+    for e in data["training"] + data["validation"] + data["test"]:
+        thick, thin = load_volume(tmp_path / "d" / e["thick"]), load_volume(tmp_path / "d" / e["thin"])
+        assert e["thick_spacing_mm"] == pytest.approx(10.0) and e["thin_spacing_mm"] == pytest.approx(2.0)
+        # the thin series is cropped to the thick slice centres: first and last slices coincide in z
+        assert float(thin.affine[2, 3]) == pytest.approx(float(thick.affine[2, 3]))
+        assert thin.shape[3] == (thick.shape[3] - 1) * 5 + 1

@@ -113,3 +113,13 @@ def test_cli_interpolate(tmp_path, capsys):
           "self-supervised", "--steps", "5", "--save_model", str(tmp_path / "ss.pt"), "--spacing", "2"])
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "self-supervised" and rep["slices"] == 91 and (tmp_path / "ss.pt").is_file()
+
+
+@pytest.mark.parametrize("offset,count,first,last", [(0.0, None, 0.0, 45.0), (2.0, 20, 2.0, 21.0), (7.5, None, 7.5, 44.5)])
+def test_slice_grid_with_offset_and_count(offset, count, first, last):
+    vol = _ramp()  # z in mm == value, 10 slices 5 mm apart
+    out = interpolate_slices(vol, spacing_mm=1.0, mode="linear", offset_mm=offset, count=count)
+    assert float(out.affine[2, 3]) == pytest.approx(float(vol.affine[2, 3]) + offset)
+    assert float(out[0, 0, 0, 0]) == pytest.approx(first, abs=1e-4) and float(out[0, 0, 0, -1]) == pytest.approx(last, abs=1e-4)
+    with pytest.raises(ValueError, match="no slice of the requested grid"):
+        interpolate_slices(vol, spacing_mm=1.0, offset_mm=60.0)
