@@ -171,7 +171,7 @@ SLICE_DEMO_DENOISER = {
     "network_def#num_head_channels": 16, "network_def#norm_num_groups": 8, "network_def#num_res_blocks": 1,
 }
 SLICE_DEMO_SCHEDULE = {  # (epochs, iterations per epoch, batch size, learning rate) per model
-    "autoencoder": (9, 50, 2, 1e-3), "diffusion": (6, 50, 4, 1e-3), "refiner_steps": 500, "self_supervised_steps": 300,
+    "autoencoder": (8, 50, 2, 1e-3), "diffusion": (2, 50, 4, 1e-3), "refiner_steps": 400, "self_supervised_steps": 300,
 }
 
 
