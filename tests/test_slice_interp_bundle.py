@@ -25,10 +25,9 @@ from ctsynth.prepare import load_datalist, prepare_phantom_pairs
 
 ROOT = Path(bundle_root("slice_interp_ldm"))
 CONFIGS = ROOT / "configs"
-from scripts.latents import LatentPairCache, ThickConditioner  # noqa: E402  (bundle root is on sys.path now)
+from scripts.latents import ThickConditioner  # noqa: E402  (bundle root is on sys.path now)
 from scripts.sampling import Denoiser, LatentDiffusionSampler, predicted_original  # noqa: E402
 
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai-schema" / "meta_schema_20240725.json"
 AE = {"num_channels": [4, 8, 8], "norm_num_groups": 4, "num_splits": 1}
 UNET = {"network_def#channels": [8, 8, 8, 8], "network_def#attention_levels": [False, True, False, False],
         "network_def#num_head_channels": 8, "network_def#norm_num_groups": 4, "network_def#num_res_blocks": 1}
@@ -109,13 +108,6 @@ def test_sampler_covers_any_depth_in_windows():
         Denoiser(4, spatial_dims=2)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.json")))
-def test_configs_are_valid_json_without_lambdas(name):
-    text = (CONFIGS / name).read_text()
-    json.loads(text)
-    assert "lambda" not in text
-
-
 def test_inference_matches_training_and_seed_network():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
@@ -125,17 +117,6 @@ def test_inference_matches_training_and_seed_network():
     assert train["network_def"]["channels"] == [192, 384, 768, 768]  # the seed's "medium" UNet
     assert train["num_train_timesteps"] == 1000 and infer["inference_steps"] == 50
     assert train["image_loss_weights"] == {"vgg": 0.1, "ms_ssim": 0.1} and train["image_loss_interval"] == 10
-
-
-def test_metadata_verifies_offline(tmp_path):
-    pytest.importorskip("jsonschema")
-    if not SCHEMA.is_file():
-        pytest.skip(f"MONAI's metadata schema is not beside this checkout ({SCHEMA})")
-    from monai.bundle import verify_metadata
-
-    target = tmp_path / "schema.json"
-    target.write_text(SCHEMA.read_text())
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(target))
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +201,20 @@ def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys
     with pytest.raises(ValueError, match="not a slice_interp_ldm diffusion checkpoint"):
         main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm",
               "--checkpoint", str(root / "models" / "autoencoder.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])
+
+
+def test_multi_process_training_with_torchrun(trained):
+    root, common, over = trained
+    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    ddp = {**over, "models_dir": str(root / "models_ddp"), "output_dir": str(root / "eval_ddp"), "image_loss_interval": 2,
+           "autoencoder_path": str(root / "models" / "autoencoder.pt")}
+    args = []
+    for k, v in ddp.items():
+        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+           "monai.bundle", "run", "training", "--config_file", files, *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    last = torch.load(root / "models_ddp" / "diffusion" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["epoch"] == 1 and any(k.startswith("down_blocks") for k in last["network"])  # unwrapped

@@ -203,6 +203,11 @@ class CascadeStage(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def _decode(self, grid: torch.Tensor, stem: torch.Tensor) -> torch.Tensor:
+        """Token grid + stem features -> one channel; one checkpointed unit, so the full-resolution concatenation
+        (2 x stem channels) is never kept for the backward pass."""
+        return self.head(torch.cat([self.unembed(grid), stem], 1))
+
     def forward(self, backprojected: torch.Tensor, xray_feats: torch.Tensor, angles_deg: torch.Tensor,
                 previous: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -233,7 +238,7 @@ class CascadeStage(nn.Module):
         tok = self.norm(tok)
         n = s // self.patch
         grid = tok.transpose(1, 2).reshape(tok.shape[0], -1, n, n, n)
-        out = self._run(self.head, torch.cat([self.unembed(grid), stem], 1))
+        out = self._run(self._decode, grid, stem)
         if self.detail is not None:
             out = out + self._run(self.detail, x)
         return out + up if up is not None else out
