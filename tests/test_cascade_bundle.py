@@ -78,6 +78,7 @@ def test_stage_overrides_follow_the_seed():
 
 
 def test_full_network_config_parses():
+    bundle_root("cascade_xray2ct")  # what the config's bundle_root does when a workflow parses it
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     net = parser.get_parsed_content("network_def")

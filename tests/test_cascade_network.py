@@ -1,18 +1,15 @@
 """cascade_xray2ct network: shapes per stage and view count, geometry-aligned back-projection, freezing."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cascade_xray2ct"
-sys.path.insert(0, str(BUNDLE))
+from ctsynth.bundles import bundle_module
+from ctsynth.geometry import ProjectionGeometry
+from ctsynth.phantoms import grid_affine
 
-from scripts.network import ProgressiveCascade, backproject_features, rescale_affine  # noqa: E402
-
-from ctsynth.geometry import ProjectionGeometry  # noqa: E402
-from ctsynth.phantoms import grid_affine  # noqa: E402
+_network = bundle_module("cascade_xray2ct", "network")
+ProgressiveCascade, backproject_features, rescale_affine = (_network.ProgressiveCascade, _network.backproject_features,
+                                                            _network.rescale_affine)
 
 TINY = dict(encoder_channels=(4, 8, 8), hidden=16, depth=1, heads=2, stem_channels=4, xray_token_grid=2)
 
@@ -111,9 +108,7 @@ def test_refining_stage_starts_as_identity_on_the_previous_output():
 
 @pytest.mark.parametrize("patch, direct", [(4, True), (6, True), (8, True), (12, True), (16, False), (32, False)])
 def test_patch_embedding_shapes_and_cost(patch, direct):
-    from scripts.network import patch_embedding, patch_unembedding
-
-    emb, unemb = patch_embedding(16, 128, patch), patch_unembedding(128, 16, patch)
+    emb, unemb = _network.patch_embedding(16, 128, patch), _network.patch_unembedding(128, 16, patch)
     x = torch.rand(1, 16, 2 * patch, 2 * patch, 2 * patch)
     tok = emb(x)
     assert tok.shape == (1, 128, 2, 2, 2) and unemb(tok).shape == x.shape

@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+from ctsynth.bundles import bundle_module, bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_volume
@@ -25,8 +25,11 @@ from ctsynth.prepare import load_datalist, prepare_phantom_pairs
 
 ROOT = Path(bundle_root("slice_interp_ldm"))
 CONFIGS = ROOT / "configs"
-from scripts.latents import ThickConditioner  # noqa: E402  (bundle root is on sys.path now)
-from scripts.sampling import Denoiser, LatentDiffusionSampler, predicted_original  # noqa: E402
+ThickConditioner = bundle_module("slice_interp_ldm", "latents").ThickConditioner
+_sampling = bundle_module("slice_interp_ldm", "sampling")
+Denoiser, LatentDiffusionSampler, predicted_original = (_sampling.Denoiser, _sampling.LatentDiffusionSampler,
+                                                        _sampling.predicted_original)
+DiffusionIteration = bundle_module("slice_interp_ldm", "engine").DiffusionIteration
 
 AE = {"num_channels": [4, 8, 8], "norm_num_groups": 4, "num_splits": 1}
 UNET = {"network_def#channels": [8, 8, 8, 8], "network_def#attention_levels": [False, True, False, False],
@@ -76,8 +79,6 @@ def test_conditioning_rejects_unknown_modes_and_2d_input():
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_predicted_original_inverts_each_training_target(kind):
-    from scripts.engine import DiffusionIteration
-
     sched = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195,
                           prediction_type=kind, clip_sample=False)
     g = torch.Generator().manual_seed(0)

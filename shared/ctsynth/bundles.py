@@ -1,7 +1,8 @@
 """Finding and running the bundles from the package (demo, ``ctsynth reconstruct``, tests, MONAI Label).
 
 A bundle config sets ``"bundle_root": "$ctsynth.bundles.bundle_root('<name>')"``; that finds the bundle
-folder and puts it on ``sys.path`` so ``scripts.*`` targets import however the config is parsed.
+folder and puts it first on ``sys.path`` (forgetting another bundle's ``scripts``), so ``scripts.*`` targets
+import however the config is parsed, also in a process serving several bundles.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES", "bundle_root", "run_bundle", "network_overrides"]
+__all__ = ["BUNDLES", "bundle_root", "bundle_module", "run_bundle", "network_overrides"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,32 @@ def bundle_root(name: str, add_to_path: bool = True) -> str:
     for c in candidates:
         if c is not None and (c / "configs").is_dir():
             root = str(c.resolve())
-            if add_to_path and root not in sys.path:
-                sys.path.insert(0, root)
+            if add_to_path:
+                _activate(root)
             return root
     raise FileNotFoundError(
         f"bundle {name!r} not found (looked in {[str(c) for c in candidates if c is not None]}); run from the "
         "ctsynth checkout, or set CTSYNTH_BUNDLES_DIR to the folder holding the bundles"
     )
+
+
+def _activate(root: str) -> None:
+    """Puts bundle ``root`` first on ``sys.path`` and forgets another bundle's ``scripts`` package, so that
+    ``import scripts...`` resolves to this bundle's (every bundle names its package ``scripts``)."""
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    for mod in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        if not str(getattr(sys.modules[mod], "__file__", "") or "").startswith(str(root)):
+            del sys.modules[mod]
+
+
+def bundle_module(name: str, module: str) -> Any:
+    """Imports ``scripts.<module>`` of bundle ``name`` (e.g. ``bundle_module("slice_interp_ldm", "sampling")``)."""
+    import importlib
+
+    bundle_root(name)
+    return importlib.import_module(f"scripts.{module}")
 
 
 def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mapping[str, Any] | None = None,
@@ -58,10 +78,6 @@ def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mappin
 
     root = Path(bundle_root(name))
     files = [str(root / "configs" / c) for c in configs]
-    # a previous bundle's ``scripts`` package must not shadow this one's
-    for mod in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        if not str(getattr(sys.modules[mod], "__file__", "") or "").startswith(str(root)):
-            del sys.modules[mod]
     workflow = ConfigWorkflow(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
                               logging_file=False, workflow_type=None, init_id=init_id, run_id=run_id,
                               final_id=final_id, **dict(overrides or {}))
