@@ -1,0 +1,177 @@
+"""3D VQ-GAN for CT pulmonary angiography: encoder, EMA codebook with dead-code restart, decoder, and the
+patch-wise path that encodes and decodes full volumes in overlapping windows.
+
+Encoder: a 3x3x3 stem, then ``len(channels) - 1`` stages of residual blocks (GroupNorm, SiLU) each ending in a
+stride-2 convolution (three for the seed: 8x compression per axis), residual blocks at the bottom, and a 1x1
+projection to the code width. Decoder: the mirror image, with nearest-neighbour upsampling + convolution.
+MONAI's ``VQVAE`` has no normalisation layers and no dead-code restart, hence this network; the quantiser is
+:class:`ctsynth.vq.RestartingEMAQuantizer` (MONAI's ``EMAQuantizer`` underneath).
+
+Normalisation and quantisation distances run in float32 under autocast, so bf16 training does not turn the
+codebook distances or the group statistics into NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
+
+__all__ = ["VQGAN3D", "PatchwiseVQGAN"]
+
+
+class _Norm(nn.GroupNorm):
+    """GroupNorm computed in float32 (bf16 statistics over large 3D volumes lose precision)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _groups(channels: int, groups: int) -> int:
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            _Norm(_groups(c_in, groups), c_in), nn.SiLU(), nn.Conv3d(c_in, c_out, 3, padding=1),
+            _Norm(_groups(c_out, groups), c_out), nn.SiLU(), nn.Conv3d(c_out, c_out, 3, padding=1),
+        )
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.block(x)
+
+
+class VQGAN3D(nn.Module):
+    """Vector-quantised 3D autoencoder (the generator of the VQ-GAN).
+
+    Args:
+        in_channels: image channels.
+        channels: widths from full resolution down to the bottleneck; ``len(channels) - 1`` downsamplings.
+        num_res_blocks: residual blocks per stage.
+        num_embeddings / embedding_dim: codebook size and code width (the seed: 512 x 64).
+        commitment_cost / decay / restart_threshold: quantiser settings (see :class:`RestartingEMAQuantizer`).
+        norm_groups: GroupNorm groups (fewer when a width is not divisible).
+
+    Shapes:
+        forward(x (B, C, X, Y, Z), each size divisible by :attr:`downsample`) ->
+        (reconstruction like x, commitment loss (), code indices (B, X/f, Y/f, Z/f)).
+    """
+
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (64, 128, 192, 256), num_res_blocks: int = 2,
+                 num_embeddings: int = 512, embedding_dim: int = 64, commitment_cost: float = 0.25,
+                 decay: float = 0.99, restart_threshold: float = 1e-2, norm_groups: int = 32) -> None:
+        super().__init__()
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two widths (one downsampling), got {list(channels)}")
+        ch = [int(c) for c in channels]
+        self.config = {"in_channels": in_channels, "channels": ch, "num_res_blocks": num_res_blocks,
+                       "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
+                       "commitment_cost": commitment_cost, "decay": decay, "restart_threshold": restart_threshold,
+                       "norm_groups": norm_groups}
+        self.downsample = 2 ** (len(ch) - 1)
+        enc: list[nn.Module] = [nn.Conv3d(in_channels, ch[0], 3, padding=1)]
+        for i in range(len(ch) - 1):
+            enc += [_ResBlock(ch[i], ch[i], norm_groups) for _ in range(num_res_blocks)]
+            enc.append(nn.Conv3d(ch[i], ch[i + 1], 4, stride=2, padding=1))
+        enc += [_ResBlock(ch[-1], ch[-1], norm_groups) for _ in range(num_res_blocks)]
+        enc += [_Norm(_groups(ch[-1], norm_groups), ch[-1]), nn.SiLU(), nn.Conv3d(ch[-1], embedding_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+        self.quantizer = RestartingEMAQuantizer(3, num_embeddings, embedding_dim, commitment_cost, decay,
+                                                restart_threshold=restart_threshold)
+        dec: list[nn.Module] = [nn.Conv3d(embedding_dim, ch[-1], 3, padding=1)]
+        dec += [_ResBlock(ch[-1], ch[-1], norm_groups) for _ in range(num_res_blocks)]
+        for i in range(len(ch) - 1, 0, -1):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(ch[i], ch[i - 1], 3, padding=1)]
+            dec += [_ResBlock(ch[i - 1], ch[i - 1], norm_groups) for _ in range(num_res_blocks)]
+        dec += [_Norm(_groups(ch[0], norm_groups), ch[0]), nn.SiLU(), nn.Conv3d(ch[0], in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or any(s % self.downsample for s in x.shape[-3:]):
+            raise ValueError(f"expected (B, C, X, Y, Z) with sizes divisible by {self.downsample}, got {tuple(x.shape)}; "
+                             "pad or crop the volume (or use PatchwiseVQGAN)")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(quantized codes (B, D, x, y, z), commitment loss, indices (B, x, y, z))."""
+        self._check(x)
+        return self.quantizer(self.encoder(x))
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(quantized)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, x, y, z) -> images."""
+        return self.decode(self.quantizer.embed(indices))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, loss, idx = self.encode(x)
+        return self.decode(q), loss, idx
+
+    def codebook_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        """Usage (%) and perplexity of ``indices``."""
+        n = self.quantizer.num_embeddings
+        return {"codebook_usage_pct": 100.0 * codebook_usage(indices, n), "perplexity": codebook_perplexity(indices, n)}
+
+
+class PatchwiseVQGAN:
+    """Reconstructs full volumes (e.g. 512 x 512 x 600) through a :class:`VQGAN3D` in overlapping windows.
+
+    MONAI's sliding-window inference runs each window through the model on ``device`` and blends the windows
+    (``gaussian`` or ``constant`` = linear averaging) into an output kept on ``stitch_device`` (CPU by default,
+    so a full volume never sits on the GPU). Sizes are padded to the window grid and cropped back.
+
+    Args:
+        model: the VQ-GAN (or any (B, C, ...) -> (B, C, ...) image model returning a tensor or a tuple whose first
+            item is the image).
+        roi_size: window size (the seed: 256 x 256 x 128).
+        overlap: fraction shared by neighbouring windows (the seed: 0.25).
+        mode: ``gaussian`` or ``constant``.
+        device / stitch_device: where windows run / where the volume is assembled.
+        sw_batch_size: windows per forward pass.
+    """
+
+    MODES = ("gaussian", "constant")
+
+    def __init__(self, model: nn.Module | Callable[[torch.Tensor], Any], roi_size: Sequence[int] = (256, 256, 128),
+                 overlap: float = 0.25, mode: str = "gaussian", device: str | torch.device | None = None,
+                 stitch_device: str | torch.device = "cpu", sw_batch_size: int = 1) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+        self.model, self.roi_size, self.overlap, self.mode = model, tuple(int(r) for r in roi_size), float(overlap), mode
+        self.device, self.stitch_device, self.sw_batch_size = device, torch.device(stitch_device), int(sw_batch_size)
+
+    def _predict(self, window: torch.Tensor) -> torch.Tensor:
+        out = self.model(window)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> the reconstructed volume, same shape, on ``stitch_device``."""
+        from monai.inferers import sliding_window_inference
+
+        if volume.ndim != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) volume, got {tuple(volume.shape)}")
+        if isinstance(self.model, nn.Module):
+            self.model.eval()
+        roi = tuple(min(r, s) for r, s in zip(self.roi_size, volume.shape[-3:]))
+        multiple = getattr(self.model, "downsample", 1)
+        if any(r % multiple for r in roi):
+            raise ValueError(f"windows {roi} must be divisible by the model's downsampling {multiple}; pad the volume "
+                             "or change roi_size")
+        return sliding_window_inference(volume, roi_size=roi, sw_batch_size=self.sw_batch_size, predictor=self._predict,
+                                        overlap=self.overlap, mode=self.mode, padding_mode="replicate",
+                                        sw_device=self.device or volume.device, device=self.stitch_device,
+                                        progress=False)

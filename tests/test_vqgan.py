@@ -1,0 +1,75 @@
+"""xray2ctpa_vqgan network pieces: the 3D VQ-GAN generator and the patch-wise (sliding-window) path."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_path = Path(__file__).resolve().parents[1] / "bundles" / "xray2ctpa_vqgan" / "scripts" / "vqgan.py"
+_spec = importlib.util.spec_from_file_location("xray2ctpa_vqgan_vqgan", _path)
+vqgan = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vqgan)
+
+TINY = dict(channels=(8, 16, 16, 16), num_res_blocks=1, num_embeddings=32, embedding_dim=8, norm_groups=4)
+
+
+def test_seed_widths_give_about_36m_parameters():
+    model = vqgan.VQGAN3D()
+    assert model.downsample == 8
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(34.5e6, rel=0.01)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 16, 16), (2, 1, 32, 16, 24)])
+def test_shapes_codes_and_straight_through_gradients(shape):
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY)
+    x = torch.rand(shape)
+    recon, loss, idx = model(x)
+    assert recon.shape == x.shape and idx.shape == (shape[0], *(s // 8 for s in shape[2:]))
+    (torch.nn.functional.l1_loss(recon, x) + loss).backward()
+    assert model.encoder[0].weight.grad is not None and model.encoder[0].weight.grad.abs().sum() > 0
+    stats = model.codebook_stats(idx)
+    assert 0 < stats["codebook_usage_pct"] <= 100 and 1 <= stats["perplexity"] <= 32
+    assert torch.equal(model.decode_indices(idx), model.decode(model.quantizer.embed(idx)))
+
+
+def test_bfloat16_autocast_stays_finite():
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY)
+    x = torch.rand(1, 1, 16, 16, 16) * 3000 - 1000  # unnormalised HU-like values stress the statistics
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, loss, _ = model(x)
+    assert torch.isfinite(recon.float()).all() and torch.isfinite(loss)
+
+
+def test_input_errors():
+    model = vqgan.VQGAN3D(**TINY)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.rand(1, 1, 12, 16, 16))
+    with pytest.raises(ValueError, match="at least two widths"):
+        vqgan.VQGAN3D(channels=(8,))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_sliding_window_stitching_of_a_linear_function_is_exact(mode):
+    # any blending of windows that each return their input exactly must return the input: a linear ramp
+    # checks the weights are normalised and the windows land where they were cut
+    x, y, z = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), torch.arange(50.0), indexing="ij")
+    volume = (0.5 * x - 2.0 * y + 3.0 * z + 7.0)[None, None]
+    out = vqgan.PatchwiseVQGAN(lambda w: w.clone(), roi_size=(16, 16, 24), overlap=0.25, mode=mode)(volume)
+    assert out.device.type == "cpu" and out.shape == volume.shape
+    assert torch.allclose(out, volume, atol=1e-3)
+
+
+def test_patchwise_equals_whole_volume_when_one_window_covers_it_and_checks_windows():
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY).eval()
+    volume = torch.rand(1, 1, 16, 16, 24)
+    with torch.no_grad():
+        whole = model(volume)[0]
+    assert torch.allclose(vqgan.PatchwiseVQGAN(model, roi_size=(16, 16, 24))(volume), whole, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by the model's downsampling"):
+        vqgan.PatchwiseVQGAN(model, roi_size=(12, 16, 24))(volume)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        vqgan.PatchwiseVQGAN(model, mode="cosine")
