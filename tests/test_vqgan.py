@@ -73,3 +73,19 @@ def test_patchwise_equals_whole_volume_when_one_window_covers_it_and_checks_wind
         vqgan.PatchwiseVQGAN(model, roi_size=(12, 16, 24))(volume)
     with pytest.raises(ValueError, match="mode must be one of"):
         vqgan.PatchwiseVQGAN(model, mode="cosine")
+
+
+def test_seam_ratio_flags_windows_that_disagree():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 48, 48, 48, generator=g), 5, 1, 2, count_include_pad=False)
+    patchwise = vqgan.PatchwiseVQGAN(lambda w: w.clone(), roi_size=(16, 16, 16), overlap=0.25, mode="constant")
+    assert patchwise.window_borders((48, 48, 48))[0] == [12, 16, 24, 28, 32, 40]  # starts 0 12 24 32, size 16
+    clean = patchwise(smooth)
+    assert 0.8 < patchwise.seam_ratio(clean) < 1.25  # a faithful model leaves no seams
+
+    def offset_per_window(w):  # a model whose windows disagree by a constant: steps where they meet
+        return w + 0.05 * torch.randn(w.shape[0], 1, 1, 1, 1, generator=g)
+
+    seamy = vqgan.PatchwiseVQGAN(offset_per_window, roi_size=(16, 16, 16), overlap=0.25, mode="constant")(smooth)
+    assert patchwise.seam_ratio(seamy) > 2.0
+    assert vqgan.PatchwiseVQGAN(lambda w: w, roi_size=(64, 64, 64)).seam_ratio(smooth) == 1.0

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
@@ -157,6 +156,37 @@ class PatchwiseVQGAN:
         out = self.model(window)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def _roi(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(min(r, int(s)) for r, s in zip(self.roi_size, shape))
+
+    def window_borders(self, shape: Sequence[int]) -> list[list[int]]:
+        """Per spatial axis, the indices where a window starts or ends inside a volume of ``shape`` (X, Y, Z)
+        (the windows MONAI's sliding-window inference cuts: interval ``int(roi * (1 - overlap))``)."""
+        from monai.data.utils import dense_patch_slices
+
+        roi = self._roi(shape)
+        interval = [r if r == s else max(int(r * (1 - self.overlap)), 1) for r, s in zip(roi, shape)]
+        borders: list[set[int]] = [set(), set(), set()]
+        for window in dense_patch_slices(tuple(int(s) for s in shape), roi, interval):
+            for a, sl in enumerate(window):
+                borders[a].update(int(b) for b in (sl.start, sl.stop) if 0 < b < shape[a])
+        return [sorted(b) for b in borders]
+
+    def seam_ratio(self, volume: torch.Tensor) -> float:
+        """Mean squared intensity step across window borders divided by that across every other voxel face
+        (1: seams are invisible; above 1: steps concentrate where windows meet). ``volume``: (..., X, Y, Z)."""
+        v = torch.as_tensor(volume).float()
+        border_sum, border_n, other_sum, other_n = 0.0, 0, 0.0, 0
+        for a, borders in enumerate(self.window_borders(v.shape[-3:])):
+            steps = v.diff(dim=v.ndim - 3 + a).pow(2).movedim(v.ndim - 3 + a, 0).flatten(1).mean(1)  # per face
+            mask = torch.zeros(steps.shape[0], dtype=torch.bool)
+            mask[[b - 1 for b in borders]] = True  # border b: the step from voxel b-1 to voxel b
+            border_sum, border_n = border_sum + float(steps[mask].sum()), border_n + int(mask.sum())
+            other_sum, other_n = other_sum + float(steps[~mask].sum()), other_n + int((~mask).sum())
+        if border_n == 0:
+            return 1.0  # one window: no seams
+        return (border_sum / border_n) / max(other_sum / max(other_n, 1), 1e-12)
+
     @torch.no_grad()
     def __call__(self, volume: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) -> the reconstructed volume, same shape, on ``stitch_device``."""
@@ -166,7 +196,7 @@ class PatchwiseVQGAN:
             raise ValueError(f"expected a (B, C, X, Y, Z) volume, got {tuple(volume.shape)}")
         if isinstance(self.model, nn.Module):
             self.model.eval()
-        roi = tuple(min(r, s) for r, s in zip(self.roi_size, volume.shape[-3:]))
+        roi = self._roi(volume.shape[-3:])
         multiple = getattr(self.model, "downsample", 1)
         if any(r % multiple for r in roi):
             raise ValueError(f"windows {roi} must be divisible by the model's downsampling {multiple}; pad the volume "
