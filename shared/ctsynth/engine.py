@@ -34,7 +34,7 @@ from ctsynth.transforms import unscale_hu
 
 __all__ = [
     "atomic_torch_save", "is_rank_zero", "init_distributed", "wrap_distributed", "unwrap", "trainable_parameters",
-    "amp_settings", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta", "load_network_weights", "CheckpointManager",
+    "amp_settings", "engine_amp", "engine_autocast", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta", "load_network_weights", "CheckpointManager",
     "TrainingHistory", "ProgressBar", "VolumeMetric", "loss_output",
 ]
 
@@ -120,6 +120,20 @@ def amp_settings(device: torch.device | str, enabled: bool) -> tuple[bool, torch
     if torch.cuda.is_bf16_supported():
         return True, torch.bfloat16, None
     return True, torch.float16, torch.amp.GradScaler("cuda")
+
+
+def engine_amp(engine: Engine, enabled: bool) -> tuple[bool, torch.dtype, torch.amp.GradScaler | None]:
+    """:func:`amp_settings` for ``engine``'s device, decided once per engine (the scaler keeps state across
+    steps)."""
+    if getattr(engine, "ctsynth_amp", None) is None:
+        engine.ctsynth_amp = amp_settings(engine.state.device, enabled)
+    return engine.ctsynth_amp
+
+
+def engine_autocast(engine: Engine, enabled: bool) -> contextlib.AbstractContextManager:
+    """The autocast context of :func:`engine_amp` (a no-op when AMP is off)."""
+    on, dtype, _ = engine_amp(engine, enabled)
+    return torch.autocast(device_type="cuda", dtype=dtype) if on else contextlib.nullcontext()
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -11,14 +11,13 @@ discriminator (MONAI ``PatchDiscriminator``), least-squares GAN loss and feature
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
 from ctsynth.adversarial import AdversarialTerms
-from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters, unwrap
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
 from ctsynth.transforms import geometries_from_batch
 
 from .network import rescale_affine
@@ -68,27 +67,17 @@ class CascadeIteration:
         aff0 = rescale_affine(affine, (s_target,) * 3, (s0,) * 3)
         return xrays, target, geoms, affine, aff0
 
-    def _amp(self, engine: Any):
-        """(enabled, dtype, scaler), decided once per engine (the scaler keeps state across steps)."""
-        if getattr(engine, "ctsynth_amp", None) is None:
-            engine.ctsynth_amp = amp_settings(engine.state.device, self.amp)
-        return engine.ctsynth_amp
-
-    def _autocast(self, engine: Any):
-        enabled, dtype, _ = self._amp(engine)
-        return torch.autocast(device_type="cuda", dtype=dtype) if enabled else contextlib.nullcontext()
-
     def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         xrays, target, geoms, affine, aff0 = self._inputs(engine, batch)
         if not isinstance(engine, Trainer):
             engine.network.eval()
-            with torch.no_grad(), self._autocast(engine):
+            with torch.no_grad(), engine_autocast(engine, self.amp):
                 outs = engine.network(xrays, geoms, aff0, up_to_stage=self.stage - 1)
             return {Keys.IMAGE: xrays, Keys.LABEL: target, Keys.PRED: outs[-1].float()}
 
         engine.network.train()
-        scaler = self._amp(engine)[2]
-        with self._autocast(engine):
+        scaler = engine_amp(engine, self.amp)[2]
+        with engine_autocast(engine, self.amp):
             outs = engine.network(xrays, geoms, aff0, up_to_stage=self.stage - 1)
         pred = outs[-1].float()
         loss = engine.loss_function(pred, target.as_tensor() if hasattr(target, "as_tensor") else target,

@@ -7,7 +7,6 @@ posterior + PatchGAN adversarial (``ctsynth.adversarial.AdversarialTerms``, afte
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from ctsynth.adversarial import AdversarialTerms
-from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters
 from ctsynth.maisi import build_maisi_autoencoder, load_maisi_autoencoder
 
 __all__ = ["kl_divergence", "trainable_autoencoder", "AutoencoderIteration"]
@@ -57,12 +56,6 @@ class AutoencoderIteration:
         self.perceptual, self.perceptual_weight, self.adversarial = perceptual, float(perceptual_weight), adversarial
         self.grad_clip, self.amp, self.max_nonfinite = grad_clip, amp, max_nonfinite
 
-    def _autocast(self, engine: Any):
-        if getattr(engine, "ctsynth_amp", None) is None:
-            engine.ctsynth_amp = amp_settings(engine.state.device, self.amp)
-        enabled, dtype, _ = engine.ctsynth_amp
-        return torch.autocast(device_type="cuda", dtype=dtype) if enabled else contextlib.nullcontext()
-
     def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         x = torch.as_tensor(batch[self.image_key]).to(engine.state.device).float()
         if x.ndim != 5 or x.shape[1] != 1:
@@ -72,11 +65,11 @@ class AutoencoderIteration:
                              "4x); set the crop size (patch_size) accordingly")
         if not isinstance(engine, Trainer):
             engine.network.eval()
-            with torch.no_grad(), self._autocast(engine):
+            with torch.no_grad(), engine_autocast(engine, self.amp):
                 recon = engine.network(x)[0].float()
             return {Keys.PRED: recon.clamp(0, 1), Keys.LABEL: x}
         engine.network.train()
-        with self._autocast(engine):
+        with engine_autocast(engine, self.amp):
             recon, mu, sigma = engine.network(x)
         recon = recon.float()
         l1 = F.l1_loss(recon, x)
@@ -93,7 +86,7 @@ class AutoencoderIteration:
             loss = loss + g
             terms.update(gan_terms)
         norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
-                                 engine.ctsynth_amp[2], self.max_nonfinite, terms)
+                                 engine_amp(engine, self.amp)[2], self.max_nonfinite, terms)
         if gan and norm is not None:
             terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
         return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,

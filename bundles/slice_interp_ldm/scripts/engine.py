@@ -14,7 +14,6 @@ conditioning and decoded; the prediction and the thin volume go to the evaluator
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from ctsynth.engine import amp_settings, optimisation_step, trainable_parameters
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters
 from ctsynth.io import load_volume
 from ctsynth.maisi import LatentCodec, ct_to_unit
 
@@ -59,12 +58,6 @@ class DiffusionIteration:
         self.autoencoder, self.image_loss, self.image_loss_interval = autoencoder, image_loss, int(image_loss_interval)
         self.grad_clip, self.amp, self.accumulate, self.max_nonfinite = grad_clip, amp, int(accumulate), max_nonfinite
 
-    def _autocast(self, engine: Any):
-        if getattr(engine, "ctsynth_amp", None) is None:
-            engine.ctsynth_amp = amp_settings(engine.state.device, self.amp)
-        enabled, dtype, _ = engine.ctsynth_amp
-        return torch.autocast(device_type="cuda", dtype=dtype) if enabled else contextlib.nullcontext()
-
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         kind = self.scheduler.prediction_type
         if kind == "epsilon":
@@ -87,20 +80,20 @@ class DiffusionIteration:
         noise = torch.randn_like(z0)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device).long()
         noisy = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-        with self._autocast(engine):
+        with engine_autocast(engine, self.amp):
             out = engine.network(torch.cat([noisy, cond], dim=1), t).float()
         loss = F.mse_loss(out, self.target(z0, noise, t))
         terms = {"mse": float(loss.detach())}
         if self.image_loss is not None and engine.state.iteration % self.image_loss_interval == 0:
             x0 = predicted_original(self.scheduler, noisy, out, t)
-            with self._autocast(engine):
+            with engine_autocast(engine, self.amp):
                 pred_img = self.autoencoder.decode(x0 / self.scale_factor).float()
             with torch.no_grad():
                 true_img = self.autoencoder.decode(z0 / self.scale_factor).float()
             image = self.image_loss(pred_img.clamp(0, 1), true_img.clamp(0, 1))
             terms.update({f"image_{k}": v for k, v in getattr(self.image_loss, "last_terms", {}).items()})
             loss = loss + image
-        scaler = engine.ctsynth_amp[2]
+        scaler = engine_amp(engine, self.amp)[2]
         norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
                                  scaler, self.max_nonfinite, terms, accumulate=self.accumulate)
         return {Keys.LOSS: float(loss.detach()), "terms": terms, "grad_norm": norm}
