@@ -1,6 +1,7 @@
 """xray2ctpa_vqgan network pieces: the 3D VQ-GAN generator and the patch-wise (sliding-window) path."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,45 @@ def test_seam_ratio_flags_windows_that_disagree():
     seamy = vqgan.PatchwiseVQGAN(offset_per_window, roi_size=(16, 16, 16), overlap=0.25, mode="constant")(smooth)
     assert patchwise.seam_ratio(seamy) > 2.0
     assert vqgan.PatchwiseVQGAN(lambda w: w, roi_size=(64, 64, 64)).seam_ratio(smooth) == 1.0
+
+
+def _engine_module():
+    spec = importlib.util.spec_from_file_location("xray2ctpa_vqgan_engine", _path.with_name("engine.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_with_perceptual_adversarial_terms_and_codebook_monitor(tmp_path):
+    from monai.engines import SupervisedTrainer
+    from monai.networks.nets import PatchDiscriminator
+
+    from ctsynth.adversarial import AdversarialTerms
+    from ctsynth.engine import TrainingHistory
+    from ctsynth.losses import TriPlanarVGGLoss
+
+    eng = _engine_module()
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY)
+    disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=4, in_channels=1, out_channels=1)
+    d_opt = torch.optim.Adam(disc.parameters(), 1e-3)
+    adversarial = AdversarialTerms(disc, d_opt, criterion="hinge", adversarial_weight=0.1, feature_matching_weight=1.0,
+                                   start=4)
+    iteration = eng.VQGANIteration(perceptual=TriPlanarVGGLoss(random_init=True, layers=("relu1_2",)),
+                                   perceptual_weight=0.1, adversarial=adversarial)
+    data = [{"image": torch.rand(2, 1, 16, 16, 16)} for _ in range(3)]
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=data, network=model,
+                                optimizer=opt, loss_function=torch.nn.L1Loss(), iteration_update=iteration,
+                                train_handlers=[eng.CodebookMonitor(), TrainingHistory(tmp_path)], decollate=False)
+    before = [p.detach().clone() for p in disc.parameters()]
+    trainer.run()
+    rows = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["codebook_usage_pct"] <= 100 and 1 <= r["perplexity"] <= 32
+        assert {"loss_l1", "loss_commitment", "loss_perceptual"} <= set(r)
+    assert "loss_adv" in rows[1] and "loss_d_loss" in rows[1]  # adversarial terms from iteration 4 on
+    assert any(not torch.equal(b, p) for b, p in zip(before, disc.parameters()))
+    out = iteration(trainer, data[0])
+    assert out["indices"].shape == (2, 2, 2, 2)

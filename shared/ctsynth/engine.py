@@ -409,6 +409,7 @@ class TrainingHistory:
         row.update({k: v / max(self._n, 1) for k, v in self._sums.items()})
         if self.optimizer is not None:
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        row.update({k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))})  # trainer's
         if self.evaluator is not None and self.evaluator.state.epoch_length:
             row.update({k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))})
         self.rows.append(row)

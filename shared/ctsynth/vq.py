@@ -14,29 +14,41 @@ import math
 import torch
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 
-__all__ = ["RestartingEMAQuantizer", "codebook_usage", "codebook_perplexity"]
+__all__ = ["RestartingEMAQuantizer", "code_counts", "usage_of_counts", "perplexity_of_counts", "codebook_usage",
+           "codebook_perplexity"]
 
 
-def _counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """How often each of the ``num_embeddings`` codes occurs in ``indices`` ((num_embeddings,) float64)."""
     idx = torch.as_tensor(indices).long().flatten()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_embeddings):
         raise ValueError(f"code indices must lie in [0, {num_embeddings}), got [{int(idx.min())}, {int(idx.max())}]")
-    return torch.bincount(idx, minlength=num_embeddings).double()
+    return torch.bincount(idx.cpu(), minlength=num_embeddings).double()
 
 
-def codebook_usage(indices: torch.Tensor, num_embeddings: int) -> float:
-    """Fraction (0-1) of the ``num_embeddings`` codes that occur at least once in ``indices``."""
-    return float((_counts(indices, num_embeddings) > 0).double().mean())
+def usage_of_counts(counts: torch.Tensor) -> float:
+    """Fraction (0-1) of codes with a non-zero count."""
+    return float((torch.as_tensor(counts) > 0).double().mean())
 
 
-def codebook_perplexity(indices: torch.Tensor, num_embeddings: int) -> float:
-    """``exp`` of the entropy of the code frequencies in ``indices`` (1: one code; ``num_embeddings``: uniform)."""
-    counts = _counts(indices, num_embeddings)
+def perplexity_of_counts(counts: torch.Tensor) -> float:
+    """``exp`` of the entropy of the code frequencies (1: one code; the codebook size: uniform use)."""
+    counts = torch.as_tensor(counts).double()
     total = float(counts.sum())
     if total == 0:
         raise ValueError("no code indices given")
     p = counts[counts > 0] / total
     return float(math.exp(float(-(p * p.log()).sum())))
+
+
+def codebook_usage(indices: torch.Tensor, num_embeddings: int) -> float:
+    """Fraction (0-1) of the ``num_embeddings`` codes that occur at least once in ``indices``."""
+    return usage_of_counts(code_counts(indices, num_embeddings))
+
+
+def codebook_perplexity(indices: torch.Tensor, num_embeddings: int) -> float:
+    """``exp`` of the entropy of the code frequencies in ``indices`` (1: one code; ``num_embeddings``: uniform)."""
+    return perplexity_of_counts(code_counts(indices, num_embeddings))
 
 
 class RestartingEMAQuantizer(EMAQuantizer):

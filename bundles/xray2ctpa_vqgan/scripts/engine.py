@@ -1,0 +1,117 @@
+"""VQ-GAN training and validation iterations (``iteration_update`` of MONAI's engines) and the codebook monitor.
+
+Training loss (seed 004): L1 reconstruction + tri-planar perceptual (``ctsynth.losses.TriPlanarVGGLoss``) +
+the quantiser's commitment loss + PatchGAN adversarial and feature-matching terms after a warm-up
+(``ctsynth.adversarial.AdversarialTerms``, hinge or least squares). :class:`CodebookMonitor` counts the codes
+used over each epoch and records usage (%) and perplexity in the trainer's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.engines import Trainer
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+from ctsynth.adversarial import AdversarialTerms
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
+from ctsynth.vq import code_counts, perplexity_of_counts, usage_of_counts
+
+__all__ = ["VQGANIteration", "CodebookMonitor"]
+
+logger = logging.getLogger(__name__)
+
+
+class VQGANIteration:
+    """One VQ-GAN training step, or one validation reconstruction.
+
+    Args:
+        image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1].
+        perceptual / perceptual_weight: perceptual loss on the reconstruction (None: off).
+        adversarial: adversarial terms (None: off).
+        grad_clip / amp / max_nonfinite: as in the other iterations.
+
+    The output carries ``indices`` (the code indices) for :class:`CodebookMonitor`.
+    """
+
+    def __init__(self, image_key: str = "image", perceptual: nn.Module | None = None, perceptual_weight: float = 1.0,
+                 adversarial: AdversarialTerms | None = None, grad_clip: float | None = 1.0, amp: bool = False,
+                 max_nonfinite: int = 3) -> None:
+        self.image_key, self.perceptual, self.perceptual_weight = image_key, perceptual, float(perceptual_weight)
+        self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        x = torch.as_tensor(batch[self.image_key]).to(engine.state.device).float()
+        if not isinstance(engine, Trainer):
+            engine.network.eval()
+            with torch.no_grad(), engine_autocast(engine, self.amp):
+                recon, _, idx = engine.network(x)
+            return {Keys.PRED: recon.float().clamp(0, 1), Keys.LABEL: x, "indices": idx}
+        engine.network.train()
+        with engine_autocast(engine, self.amp):
+            recon, commitment, idx = engine.network(x)
+        recon = recon.float()
+        l1 = F.l1_loss(recon, x)
+        loss = l1 + commitment.float()
+        terms = {"l1": float(l1.detach()), "commitment": float(commitment.detach())}
+        if self.perceptual is not None and self.perceptual_weight:
+            p = self.perceptual(recon.clamp(0, 1), x)
+            loss = loss + self.perceptual_weight * p
+            terms["perceptual"] = float(p.detach())
+        gan = self.adversarial is not None and self.adversarial.active(engine)
+        if gan:
+            g, gan_terms = self.adversarial.generator_terms(recon, x)
+            loss = loss + g
+            terms.update(gan_terms)
+        norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
+                                 engine_amp(engine, self.amp)[2], self.max_nonfinite, terms)
+        if gan and norm is not None:
+            terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
+        return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,
+                "grad_norm": norm, "indices": idx.detach()}
+
+
+class CodebookMonitor:
+    """Counts the codes an engine's outputs use over each epoch; at its end writes ``codebook_usage_pct`` and
+    ``perplexity`` into ``engine.state.metrics`` (read by ``ctsynth.engine.TrainingHistory``) and logs them.
+
+    Args:
+        num_embeddings: codebook size; default read from the engine's network quantiser.
+    """
+
+    def __init__(self, num_embeddings: int | None = None) -> None:
+        self.num_embeddings = num_embeddings
+        self._counts: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._record)
+
+    def _reset(self, engine: Engine) -> None:
+        self._counts = None
+
+    def _count(self, engine: Engine) -> None:
+        idx = (engine.state.output or {}).get("indices")
+        if idx is None:
+            return
+        n = self.num_embeddings or unwrap(engine.network).quantizer.num_embeddings
+        counts = code_counts(idx, n)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def _record(self, engine: Engine) -> None:
+        if self._counts is None:
+            return
+        counts = self._counts
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.to(engine.state.device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        usage, perplexity = 100.0 * usage_of_counts(counts), perplexity_of_counts(counts)
+        engine.state.metrics.update({"codebook_usage_pct": usage, "perplexity": perplexity})
+        logger.info("epoch %d: codebook usage %.1f %%, perplexity %.1f", engine.state.epoch, usage, perplexity)
