@@ -125,6 +125,27 @@ class Prepare:
 
         _emit(prepare_slice_interp(studies, out, seed=seed))
 
+    def ctpa(self, studies: str, out: str, xrays: str | None = None, labels: str | None = None,
+             shape: Any = (256, 256, 64), native: bool = False, window: Any = (-1024.0, 3071.0), xray_size: int = 256,
+             seed: int = 0) -> None:
+        """STUDIES/<patient> (DICOM folder, zip or NIfTI) -> CTPA NIfTI at --shape (or --native grid), the paired
+        X-ray from --xrays DIR (<id>.png/.dcm/...) or an AP DRR, PE labels from --labels CSV (id,label), datalist
+        with kVp / kernel / spacing per case and a deterministic split, and a report of skipped studies."""
+        from ctsynth.prepare import prepare_ctpa
+
+        _emit(prepare_ctpa(studies, out, None if native else _tuple(shape, 3, "shape"), _tuple(window, 2, "window"),
+                           xrays, labels, xray_size, seed=seed))
+
+    def phantom_ctpa(self, out: str, n: int = 8, shape: Any = (64, 64, 48), spacing: float = 5.0,
+                     emboli: float = 0.5, seed: int = 0) -> None:
+        """CTPA-like phantoms (contrast, emboli in a fraction) as OUT/studies/*.nii.gz + OUT/labels.csv, ready for
+        `ctsynth prepare ctpa --studies OUT/studies --labels OUT/labels.csv`."""
+        from ctsynth.prepare import write_phantom_ctpa_studies
+
+        spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)
+        root = write_phantom_ctpa_studies(out, n, _tuple(shape, 3, "shape"), spacing, emboli, seed)
+        _emit({"studies": str(root / "studies"), "labels": str(root / "labels.csv")})
+
     def phantom_pairs(self, out: str, n: int = 12, shape: Any = (64, 64, 84), spacing: float = 2.0, factor: int = 5,
                       seed: int = 0) -> None:
         """Thin phantoms and their FACTOR-times thicker slab averages -> the slice_interp_ldm dataset layout (try

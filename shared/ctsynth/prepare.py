@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, volume_center, volume_extent_mm,
                               voxel_world_coordinates)
-from ctsynth.io import VolumeReadError, load_volume, save_nifti, save_projection_nifti
+from ctsynth.io import (VolumeReadError, is_nifti, load_projection, load_volume, save_nifti,
+                        save_projection_nifti)
 
 __all__ = ["deterministic_split", "resample_to_cube", "remove_table", "expand_inputs", "prepare_xray2ct", "load_datalist",
            "slice_spacing_mm", "resample_to_grid", "align_thick_thin", "pick_thick_thin", "prepare_slice_interp",
-           "prepare_phantom_pairs"]
+           "prepare_phantom_pairs", "resample_to_shape", "prepare_ctpa", "write_phantom_ctpa_studies"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
@@ -425,3 +426,148 @@ def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (
     out.mkdir(parents=True, exist_ok=True)
     (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
     return {"prepared": len(entries), "splits": {k: len(datalist[k]) for k in SPLITS}}
+
+
+# ------------------------------------------------------------------------------------------------- CTPA
+def _read_labels(path: str | Path | None) -> dict[str, int]:
+    """``id,label`` CSV (header required; label 0/1 for PE absent/present) -> {id: label}."""
+    if path is None:
+        return {}
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels CSV not found: {path}")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"id", "label"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a CSV with columns 'id' and 'label' (0/1), got {list(rows[0]) if rows else 'no rows'}")
+    out = {}
+    for r in rows:
+        if r["label"].strip() not in ("0", "1"):
+            raise ValueError(f"{path}: label of {r['id']!r} is {r['label']!r}; use 0 (no PE) or 1 (PE)")
+        out[r["id"].strip()] = int(r["label"])
+    return out
+
+
+def _find_xray(folder: Path | None, case: str) -> Path | None:
+    if folder is None:
+        return None
+    for suffix in (".png", ".dcm", ".nii.gz", ".nii", ".tif", ".tiff", ".jpg", ".jpeg"):
+        if (folder / f"{case}{suffix}").is_file():
+            return folder / f"{case}{suffix}"
+    return None
+
+
+def resample_to_shape(volume: MetaTensor, shape: Sequence[int]) -> MetaTensor:
+    """Trilinear resampling of a (1, X, Y, Z) volume onto ``shape`` voxels over the same extent (voxel corners
+    aligned: the outer faces stay where they were), with the matching affine."""
+    data = torch.as_tensor(volume).float()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    out = F.interpolate(data[None], size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0]
+    aff = torch.as_tensor(volume.affine, dtype=torch.float64).clone()
+    scale = torch.tensor([volume.shape[1 + i] / int(shape[i]) for i in range(3)], dtype=torch.float64)
+    new = aff.clone()
+    new[:3, :3] = aff[:3, :3] * scale
+    new[:3, 3] = aff[:3, 3] + aff[:3, :3] @ ((scale - 1) / 2)  # first voxel centre moves by half a new voxel
+    return MetaTensor(out, affine=new)
+
+
+def prepare_ctpa(studies: str | Path, out: str | Path, shape: Sequence[int] | None = (256, 256, 64),
+                 window: Sequence[float] = (-1024.0, 3071.0), xrays: str | Path | None = None,
+                 labels: str | Path | None = None, xray_size: int = 256, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 seed: int = 0) -> dict[str, Any]:
+    """Builds the xray2ctpa_vqgan dataset from ``STUDIES/<patient>`` (a DICOM folder, a zip, or a NIfTI file each).
+
+    Per patient: the CTPA oriented to RAS, clipped to ``window`` (HU) and resampled to ``shape`` voxels over its
+    whole extent (None: native grid, e.g. 512 x 512 x N), written as ``cases/<id>/ctpa.nii.gz``; the paired
+    chest X-ray from ``xrays/<id>.(png|dcm|nii.gz|...)`` when given (converted to NIfTI), otherwise an AP DRR
+    rendered from the CTPA with ctsynth's projector (``xray.nii.gz`` + ``geometry.json``); the PE label from the
+    ``labels`` CSV (``id,label``). ``datalist.json`` records kVp, reconstruction kernel and slice spacing per
+    case (scanners differ) and a deterministic split, stratified by label when labels are given;
+    ``report.json`` lists every skipped study with its reason.
+    """
+    studies, out = Path(studies), Path(out)
+    if not studies.is_dir():
+        raise FileNotFoundError(f"{studies}: expected a folder with one DICOM folder, zip or NIfTI per patient")
+    items = sorted(p for p in studies.iterdir() if p.is_dir() or p.suffix.lower() == ".zip" or is_nifti(p))
+    if not items:
+        raise FileNotFoundError(f"{studies}: no patient folders, zips or NIfTI files found")
+    label_of = _read_labels(labels)
+    xray_dir = Path(xrays) if xrays else None
+    if xray_dir is not None and not xray_dir.is_dir():
+        raise FileNotFoundError(f"X-ray folder not found: {xray_dir}")
+    entries, skipped = [], []
+    for study in tqdm(items, desc="prepare ctpa", unit="study"):
+        case = _case_id(study)
+        try:
+            vol = load_volume(study)
+            meta = dict(getattr(vol, "meta", {}) or {})
+            if not torch.isfinite(vol.as_tensor()).all():
+                raise ValueError("NaN/Inf voxels")
+            native_spacing = [float(torch.as_tensor(vol.affine, dtype=torch.float64)[:3, i].norm()) for i in range(3)]
+            vol = MetaTensor(vol.as_tensor().clamp(float(window[0]), float(window[1])), affine=vol.affine)
+            if shape is not None:
+                vol = resample_to_shape(vol, shape)
+            case_dir = out / "cases" / case
+            save_nifti(vol, case_dir / "ctpa.nii.gz")
+            entry: dict[str, Any] = {
+                "id": case, "source": str(study), "image": str(Path("cases") / case / "ctpa.nii.gz"),
+                "shape": [int(s) for s in vol.shape[1:]], "native_spacing_mm": native_spacing,
+                "kvp": meta.get("kvp"), "convolution_kernel": meta.get("convolution_kernel") or None,
+                "slice_thickness_tag_mm": meta.get("slice_thickness_tag"),
+            }
+            if case in label_of:
+                entry["label"] = label_of[case]
+            paired = _find_xray(xray_dir, case)
+            if paired is not None:
+                img, info = load_projection(paired)
+                save_projection_nifti(img, case_dir / "xray.nii.gz", info.get("pixel_spacing_mm") or [1.0, 1.0])
+                entry.update(xray_source="paired", xray_file=str(paired))
+            else:
+                extent = volume_extent_mm(vol.affine, vol.shape[1:])
+                geom = ProjectionGeometry(angles_deg=[0.0], detector_shape=(xray_size, xray_size),
+                                          pixel_spacing_mm=max(extent[0], extent[2]) * 1.3 / xray_size,
+                                          isocenter_mm=volume_center(vol.affine, vol.shape[1:]))
+                with torch.no_grad():
+                    li = DRRProjector(geom)(vol[None], vol.affine)[0]
+                save_projection_nifti(li[0], case_dir / "xray.nii.gz", geom.pixel_spacing_mm.tolist())
+                geom.save_json(case_dir / "geometry.json")
+                entry.update(xray_source="drr", geometry=str(Path("cases") / case / "geometry.json"))
+            entry["xray"] = str(Path("cases") / case / "xray.nii.gz")
+            entries.append(entry)
+        except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
+            logger.warning("skipping %s: %s", study, e)
+            skipped.append({"source": str(study), "reason": str(e)})
+    if not entries:
+        raise ValueError(f"none of the {len(items)} studies could be used:\n" +
+                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
+    strata = [str(e.get("label", "unlabelled")) for e in entries] if label_of else None
+    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=strata)
+    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
+    datalist["meta"] = {"shape": list(shape) if shape is not None else None, "window_hu": [float(w) for w in window],
+                        "split_seed": seed, "fractions": list(fractions), "stratified_by": "label" if label_of else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
+              "labelled": sum("label" in e for e in entries),
+              "xrays": {"paired": sum(e["xray_source"] == "paired" for e in entries),
+                        "drr": sum(e["xray_source"] == "drr" for e in entries)}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def write_phantom_ctpa_studies(out: str | Path, n: int = 8, shape: Sequence[int] = (64, 64, 48), spacing_mm: float = 5.0,
+                               emboli: float = 0.5, seed: int = 0) -> Path:
+    """CTPA-like phantoms (iodine contrast in the pulmonary arteries, emboli in about ``emboli`` of them) as
+    ``OUT/studies/<id>.nii.gz`` with ``OUT/labels.csv`` (PE present or not): the input :func:`prepare_ctpa` takes."""
+    from ctsynth.phantoms import thorax_phantom
+
+    out = Path(out)
+    rows = ["id,label"]
+    for i in range(int(n)):
+        vol, info = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 3000 + i, contrast=True, emboli=emboli)
+        save_nifti(vol, out / "studies" / f"ctpa_{i:03d}.nii.gz")
+        rows.append(f"ctpa_{i:03d},{int(bool(info.emboli))}")
+    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    return out
