@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ctsynth.transforms import scale_hu, unscale_hu
+from ctsynth.transforms import pad_to_multiple, scale_hu, unscale_hu
 
 __all__ = ["MAISI_AUTOENCODER_ARGS", "MAISI_WINDOW", "MAISI_DOWNSAMPLE", "build_maisi_autoencoder",
            "load_maisi_autoencoder", "ct_to_unit", "unit_to_ct", "LatentCodec"]
@@ -122,15 +121,6 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
     return net.to(device).eval().requires_grad_(False)
 
 
-def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Pads the last three axes at their end to multiples of ``multiple`` (edge values)."""
-    size = x.shape[-3:]
-    pads = [(-s) % multiple for s in size]
-    if any(pads):
-        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
-    return x, tuple(size)
-
-
 class LatentCodec:
     """Encodes (B, 1, X, Y, Z) volumes in [0, 1] to (B, C, X/4, Y/4, Z/4) latents and back, window by window.
 
@@ -184,7 +174,7 @@ class LatentCodec:
         """(B, 1, X, Y, Z) in [0, 1] -> (B, C, ceil(X/4), ceil(Y/4), ceil(Z/4)) posterior means x scale_factor."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, X, Y, Z) volume, got {tuple(volume.shape)}")
-        x, _ = _pad_to(torch.as_tensor(volume).float(), MAISI_DOWNSAMPLE)
+        x = pad_to_multiple(torch.as_tensor(volume).float(), MAISI_DOWNSAMPLE)
         z = self._sliding(x, self._roi(x.shape[-3:]), lambda t: self.ae.encode(t)[0])
         return z * self.scale_factor
 

@@ -511,11 +511,12 @@ def prepare_ctpa(studies: str | Path, out: str | Path, shape: Sequence[int] | No
                 vol = resample_to_shape(vol, shape)
             case_dir = out / "cases" / case
             save_nifti(vol, case_dir / "ctpa.nii.gz")
+            scanner = {"kvp": meta.get("kvp"), "convolution_kernel": meta.get("convolution_kernel") or None,
+                       "slice_thickness_tag_mm": meta.get("slice_thickness_tag")}
             entry: dict[str, Any] = {
                 "id": case, "source": str(study), "image": str(Path("cases") / case / "ctpa.nii.gz"),
                 "shape": [int(s) for s in vol.shape[1:]], "native_spacing_mm": native_spacing,
-                "kvp": meta.get("kvp"), "convolution_kernel": meta.get("convolution_kernel") or None,
-                "slice_thickness_tag_mm": meta.get("slice_thickness_tag"),
+                **{k: v for k, v in scanner.items() if v is not None},  # what the files record (loaders reject None)
             }
             if case in label_of:
                 entry["label"] = label_of[case]

@@ -19,7 +19,7 @@ from ctsynth.io import VolumeReadError, load_projection
 from ctsynth.phantoms import slab_average
 
 __all__ = [
-    "scale_hu", "unscale_hu", "ScaleHU", "ScaleHUd",
+    "scale_hu", "unscale_hu", "pad_to_multiple", "ScaleHU", "ScaleHUd",
     "render_drr", "RenderDRR", "RenderDRRd",
     "SlabAverage", "SlabAveraged",
     "normalize_radiograph", "NormalizeRadiograph", "NormalizeRadiographd",
@@ -41,6 +41,17 @@ def unscale_hu(y: torch.Tensor, window: Sequence[float] = (-1000.0, 1000.0)) -> 
     """Inverse of :func:`scale_hu` (values outside the window stay at its edges)."""
     lo, hi = float(window[0]), float(window[1])
     return y * (hi - lo) + lo
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> torch.Tensor:
+    """Pads the last three axes of a (..., X, Y, Z) tensor at their ends to multiples of ``multiple`` (edge values
+    by default); crop back with ``[..., :X, :Y, :Z]``."""
+    pads = [(-s) % int(multiple) for s in x.shape[-3:]]
+    if not any(pads):
+        return x
+    import torch.nn.functional as F
+
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode=mode)
 
 
 class ScaleHU(Transform):

@@ -13,10 +13,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 from tqdm.auto import tqdm
+
+from ctsynth.transforms import pad_to_multiple
 
 __all__ = ["PREDICTION_TYPES", "Denoiser", "predicted_original", "LatentDiffusionSampler"]
 
@@ -58,11 +59,6 @@ def predicted_original(scheduler: Any, noisy: torch.Tensor, output: torch.Tensor
     if kind == "sample":
         return output
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
-
-
-def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    pads = [(-s) % multiple for s in x.shape[-3:]]
-    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate") if any(pads) else x
 
 
 class LatentDiffusionSampler:
@@ -114,10 +110,10 @@ class LatentDiffusionSampler:
         if cond.ndim != 5:
             raise ValueError(f"expected (B, C, x, y, z) conditioning latents, got {tuple(cond.shape)}")
         size = cond.shape[-3:]
-        c = _pad_to(cond.float(), self.multiple)
+        c = pad_to_multiple(cond.float(), self.multiple)
         if noise is None:
             noise = torch.randn(c.shape, generator=generator, device="cpu" if generator is None else generator.device)
-        x = _pad_to(noise.to(c), self.multiple) if noise.shape != c.shape else noise.to(c)
+        x = pad_to_multiple(noise.to(c), self.multiple) if noise.shape != c.shape else noise.to(c)
         self.network.eval()
         self.scheduler.set_timesteps(self.num_inference_steps, device=c.device)
         steps = self.scheduler.timesteps

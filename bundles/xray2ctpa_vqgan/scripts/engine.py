@@ -9,6 +9,7 @@ used over each epoch and records usage (%) and perplexity in the trainer's metri
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,9 +21,10 @@ from torch import nn
 
 from ctsynth.adversarial import AdversarialTerms
 from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
+from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import code_counts, perplexity_of_counts, usage_of_counts
 
-__all__ = ["VQGANIteration", "CodebookMonitor"]
+__all__ = ["VQGANIteration", "PatchwiseValidation", "CodebookMonitor"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,35 @@ class VQGANIteration:
             terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
         return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,
                 "grad_norm": norm, "indices": idx.detach()}
+
+
+class PatchwiseValidation:
+    """Validation iteration: whole volumes reconstructed through the VQ-GAN in overlapping windows
+    (:class:`scripts.vqgan.PatchwiseVQGAN`, stitched on CPU), so any volume size validates in bounded memory.
+
+    Args:
+        roi_size / overlap / mode: the windows (a volume smaller than a window is one window).
+        image_key: batch key of the (1, 1, X, Y, Z) volume in [0, 1].
+    """
+
+    def __init__(self, roi_size: Sequence[int] = (256, 256, 128), overlap: float = 0.25, mode: str = "gaussian",
+                 image_key: str = "image") -> None:
+        self.roi_size, self.overlap, self.mode, self.image_key = tuple(roi_size), overlap, mode, image_key
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        from .vqgan import PatchwiseVQGAN
+
+        x = torch.as_tensor(batch[self.image_key]).float()
+        net = unwrap(engine.network)
+        codec = PatchwiseVQGAN(net, self._fit(x.shape[-3:], net.downsample), self.overlap, self.mode,
+                               device=engine.state.device)
+        pred = codec(pad_to_multiple(x, net.downsample))[..., :x.shape[-3], :x.shape[-2], :x.shape[-1]]
+        return {Keys.PRED: pred.clamp(0, 1), Keys.LABEL: x}
+
+    def _fit(self, shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+        """Windows no larger than the (padded) volume, multiples of the model's downsampling."""
+        padded = [-(-int(s) // multiple) * multiple for s in shape]
+        return tuple(min(int(r) // multiple * multiple, p) for r, p in zip(self.roi_size, padded))
 
 
 class CodebookMonitor:
