@@ -2,14 +2,13 @@
 stages, resume, multi-process DDP on CPU), UNet and adversarial options, evaluation, inference and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
+
+from conftest import monai_bundle_run
 
 from ctsynth.bundles import bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
@@ -43,24 +42,6 @@ def _dirs(root, name="models"):
     return {"dataset_dir": str(root / "data"), "models_dir": str(root / name), "output_dir": str(root / f"eval_{name}")}
 
 
-def _cli_args(overrides):
-    args = []
-    for k, v in overrides.items():
-        args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return args
-
-
-def _monai_run(run_id, configs, overrides, torchrun=False, timeout=600):
-    files = json.dumps([str(CONFIGS / c) for c in configs])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] if torchrun \
-        else [sys.executable]
-    cmd = launcher + ["-m", "monai.bundle", "run", run_id, "--config_file", files] + _cli_args(overrides)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parents[1])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
-
-
 def test_inference_network_matches_training():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
@@ -88,7 +69,7 @@ def test_full_network_config_parses():
 def test_cascade_trains_all_stages_resumes_evaluates_and_reconstructs(dataset, tmp_path, capsys):
     d = _dirs(dataset)
     # stage 1 through the documented command line
-    _monai_run("training", ["train.json"], {**TINY, **d})
+    monai_bundle_run("cascade_xray2ct", "training", ["train.json"], {**TINY, **d})
     s1 = dataset / "models" / "stage1"
     assert torch.load(s1 / "checkpoint_last.pt")["trainer"] == {"epoch": 1, "iteration": 2}
     meta = read_checkpoint_meta(dataset / "models" / "model.pt")
@@ -173,7 +154,8 @@ def test_unet_baseline_and_adversarial_options_train(dataset):
 
 def test_multi_gpu_config_runs_two_cpu_processes(dataset):
     d = _dirs(dataset, "ddp")
-    res = _monai_run("training", ["train.json", "multi_gpu_train.json"], {**TINY, **d, "epochs": 1}, torchrun=True)
+    res = monai_bundle_run("cascade_xray2ct", "training", ["train.json", "multi_gpu_train.json"], {**TINY, **d, "epochs": 1},
+                           torchrun=True)
     last = torch.load(dataset / "ddp" / "stage1" / "checkpoint_last.pt")
     # 4 training cases, 2 ranks, batch 2: one step per rank per epoch (DistributedSampler splits the data)
     assert last["trainer"] == {"epoch": 1, "iteration": 1}, res.stdout[-2000:]

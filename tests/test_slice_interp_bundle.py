@@ -2,9 +2,6 @@
 autoencoder and diffusion training through `monai.bundle run` (resume), evaluation, inference and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
+
+from conftest import monai_bundle_run
 
 from ctsynth.bundles import bundle_module, bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
@@ -130,16 +129,9 @@ def trained(tmp_path_factory):
     run_bundle("slice_interp_ldm", ["train_autoencoder.json"], "training", {
         **common, "epochs": 1, "patch_size": [16, 16, 16], "val_patch_size": [32, 32, 32], "adversarial_start": 1,
         "discriminator#channels": 4, "discriminator#num_layers_d": 2})
-    files = json.dumps([str(CONFIGS / "train.json")])
     over = {**common, **UNET, "epochs": 1, "crop_depth": 8, "sampler_window": 8, "val_steps": 2,
             "image_loss_interval": 1, "codec_chunk": 16}
-    args = []
-    for k, v in over.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]  # Python literals: what fire parses
-    res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, *args],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).parents[1])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    monai_bundle_run("slice_interp_ldm", "training", ["train.json"], over)
     return root, common, over
 
 
@@ -206,16 +198,8 @@ def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys
 
 def test_multi_process_training_with_torchrun(trained):
     root, common, over = trained
-    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     ddp = {**over, "models_dir": str(root / "models_ddp"), "output_dir": str(root / "eval_ddp"), "image_loss_interval": 2,
            "autoencoder_path": str(root / "models" / "autoencoder.pt")}
-    args = []
-    for k, v in ddp.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
-           "monai.bundle", "run", "training", "--config_file", files, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).parents[1])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    monai_bundle_run("slice_interp_ldm", "training", ["train.json", "multi_gpu_train.json"], ddp, torchrun=True)
     last = torch.load(root / "models_ddp" / "diffusion" / "checkpoint_last.pt", weights_only=True)
     assert last["trainer"]["epoch"] == 1 and any(k.startswith("down_blocks") for k in last["network"])  # unwrapped

@@ -2,20 +2,17 @@
 `monai.bundle run` and patch-wise, resume, evaluate (patch-wise vs whole, seams, codebook), reconstruct."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from ctsynth.bundles import bundle_root, run_bundle
+from conftest import monai_bundle_run
+
+from ctsynth.bundles import run_bundle
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_volume
 from ctsynth.prepare import load_datalist, prepare_ctpa, write_phantom_ctpa_studies
 
-CONFIGS = Path(bundle_root("xray2ctpa_vqgan")) / "configs"
 TINY = {"network_def#channels": [8, 16, 16, 16], "network_def#num_res_blocks": 1, "network_def#num_embeddings": 32,
         "network_def#embedding_dim": 8, "network_def#norm_groups": 4, "discriminator#channels": 4,
         "discriminator#num_layers_d": 2, "vgg_random_init": True, "adversarial_start": 2, "num_workers": 0,
@@ -32,13 +29,7 @@ def trained(tmp_path_factory):
                  fractions=(0.5, 0.25, 0.25))
     over = {**TINY, "dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
             "output_dir": str(root / "eval")}
-    args = []
-    for k, v in over.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).parents[1])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    monai_bundle_run("xray2ctpa_vqgan", "training", ["train.json"], over)
     return root, over
 
 
@@ -82,16 +73,8 @@ def test_evaluation_and_reconstruction(trained, tmp_path):
 
 def test_multi_process_training_with_torchrun(trained):
     root, over = trained
-    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     ddp = {**over, "models_dir": str(root / "models_ddp"), "output_dir": str(root / "eval_ddp"), "batch_size": 1}
-    args = []
-    for k, v in ddp.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m",
-           "monai.bundle", "run", "training", "--config_file", files, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).parents[1])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    monai_bundle_run("xray2ctpa_vqgan", "training", ["train.json", "multi_gpu_train.json"], ddp, torchrun=True)
     last = torch.load(root / "models_ddp" / "vqgan" / "checkpoint_last.pt", weights_only=True)
     assert last["trainer"]["epoch"] == 1 and not any(k.startswith("module.") for k in last["network"])
     assert not any(k.startswith("module.") for k in last["discriminator"])

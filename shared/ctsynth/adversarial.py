@@ -1,5 +1,7 @@
-"""PatchGAN adversarial training shared by the bundles: generator terms (adversarial + feature matching)
-and the discriminator step, around MONAI's ``PatchDiscriminator`` and ``PatchAdversarialLoss``."""
+"""Autoencoder training shared by the bundles: PatchGAN generator terms (adversarial + feature matching) and
+the discriminator step around MONAI's ``PatchDiscriminator`` and ``PatchAdversarialLoss``
+(:class:`AdversarialTerms`), and the reconstruction training step that uses them
+(:class:`ReconstructionIteration`: L1 + perceptual + the model's own regulariser + adversarial)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GAN_CRITERIA", "AdversarialTerms"]
+__all__ = ["GAN_CRITERIA", "AdversarialTerms", "ReconstructionIteration"]
 
 GAN_CRITERIA = ("least_squares", "hinge", "bce")
 
@@ -74,3 +76,78 @@ class AdversarialTerms:
         d_loss = 0.5 * (real_l + fake_l)
         optimisation_step(engine, d_loss, self.optimizer, list(d.parameters()), self.grad_clip, None)
         return float(d_loss.detach())
+
+
+class ReconstructionIteration:
+    """One training step of an image autoencoder (``iteration_update`` of MONAI's ``SupervisedTrainer``), or one
+    validation reconstruction.
+
+    Loss: L1(reconstruction, input) + the model's own regularisation (:meth:`regularisation`: KL for a VAE,
+    commitment for a VQ model) + ``perceptual_weight`` x ``perceptual`` + the adversarial terms once active. The
+    network returns ``(reconstruction, *extras)``; subclasses turn the extras into loss terms and outputs.
+
+    Args:
+        image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1].
+        perceptual / perceptual_weight: perceptual loss on the reconstruction (None or weight 0: off).
+        adversarial: adversarial terms (None: off).
+        grad_clip / amp / max_nonfinite: see :func:`ctsynth.engine.optimisation_step` and
+            :func:`ctsynth.engine.engine_autocast`.
+    """
+
+    def __init__(self, image_key: str = "image", perceptual: nn.Module | None = None, perceptual_weight: float = 1.0,
+                 adversarial: AdversarialTerms | None = None, grad_clip: float | None = 1.0, amp: bool = False,
+                 max_nonfinite: int = 3) -> None:
+        self.image_key, self.perceptual, self.perceptual_weight = image_key, perceptual, float(perceptual_weight)
+        self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
+
+    def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:
+        """Weighted regularisation terms from the network's extra outputs (name -> scalar tensor)."""
+        return {}
+
+    def extra_outputs(self, extras: tuple) -> dict[str, Any]:
+        """What else goes into the engine output (e.g. code indices)."""
+        return {}
+
+    def _input(self, engine: Any, batch: dict[str, Any]) -> torch.Tensor:
+        x = torch.as_tensor(batch[self.image_key]).to(engine.state.device).float()
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, X, Y, Z) volumes under {self.image_key!r}, got {tuple(x.shape)}")
+        return x
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        from monai.engines import Trainer
+        from monai.utils import CommonKeys as Keys
+
+        from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters
+
+        x = self._input(engine, batch)
+        if not isinstance(engine, Trainer):
+            engine.network.eval()
+            with torch.no_grad(), engine_autocast(engine, self.amp):
+                recon, *extras = engine.network(x)
+            return {Keys.PRED: recon.float().clamp(0, 1), Keys.LABEL: x, **self.extra_outputs(tuple(extras))}
+        engine.network.train()
+        with engine_autocast(engine, self.amp):
+            recon, *extras = engine.network(x)
+        recon = recon.float()
+        l1 = F.l1_loss(recon, x)
+        loss = l1
+        terms = {"l1": float(l1.detach())}
+        for name, value in self.regularisation(tuple(extras)).items():
+            loss = loss + value
+            terms[name] = float(value.detach())
+        if self.perceptual is not None and self.perceptual_weight:
+            p = self.perceptual(recon.clamp(0, 1), x)
+            loss = loss + self.perceptual_weight * p
+            terms["perceptual"] = float(p.detach())
+        gan = self.adversarial is not None and self.adversarial.active(engine)
+        if gan:
+            g, gan_terms = self.adversarial.generator_terms(recon, x)
+            loss = loss + g
+            terms.update(gan_terms)
+        norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
+                                 engine_amp(engine, self.amp)[2], self.max_nonfinite, terms)
+        if gan and norm is not None:
+            terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
+        return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,
+                "grad_norm": norm, **self.extra_outputs(tuple(e.detach() for e in extras))}

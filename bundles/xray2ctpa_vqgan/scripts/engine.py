@@ -13,14 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
-from torch import nn
 
-from ctsynth.adversarial import AdversarialTerms
-from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
+from ctsynth.adversarial import ReconstructionIteration
+from ctsynth.engine import unwrap
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import code_counts, perplexity_of_counts, usage_of_counts
 
@@ -29,53 +26,16 @@ __all__ = ["VQGANIteration", "PatchwiseValidation", "CodebookMonitor"]
 logger = logging.getLogger(__name__)
 
 
-class VQGANIteration:
-    """One VQ-GAN training step, or one validation reconstruction.
+class VQGANIteration(ReconstructionIteration):
+    """One VQ-GAN training step (L1 + commitment + perceptual + adversarial), or one validation reconstruction.
+    The outputs carry ``indices`` (the code indices) for :class:`CodebookMonitor`. Arguments: see
+    :class:`ctsynth.adversarial.ReconstructionIteration`."""
 
-    Args:
-        image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1].
-        perceptual / perceptual_weight: perceptual loss on the reconstruction (None: off).
-        adversarial: adversarial terms (None: off).
-        grad_clip / amp / max_nonfinite: as in the other iterations.
+    def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:
+        return {"commitment": extras[0].float()}
 
-    The output carries ``indices`` (the code indices) for :class:`CodebookMonitor`.
-    """
-
-    def __init__(self, image_key: str = "image", perceptual: nn.Module | None = None, perceptual_weight: float = 1.0,
-                 adversarial: AdversarialTerms | None = None, grad_clip: float | None = 1.0, amp: bool = False,
-                 max_nonfinite: int = 3) -> None:
-        self.image_key, self.perceptual, self.perceptual_weight = image_key, perceptual, float(perceptual_weight)
-        self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
-
-    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        x = torch.as_tensor(batch[self.image_key]).to(engine.state.device).float()
-        if not isinstance(engine, Trainer):
-            engine.network.eval()
-            with torch.no_grad(), engine_autocast(engine, self.amp):
-                recon, _, idx = engine.network(x)
-            return {Keys.PRED: recon.float().clamp(0, 1), Keys.LABEL: x, "indices": idx}
-        engine.network.train()
-        with engine_autocast(engine, self.amp):
-            recon, commitment, idx = engine.network(x)
-        recon = recon.float()
-        l1 = F.l1_loss(recon, x)
-        loss = l1 + commitment.float()
-        terms = {"l1": float(l1.detach()), "commitment": float(commitment.detach())}
-        if self.perceptual is not None and self.perceptual_weight:
-            p = self.perceptual(recon.clamp(0, 1), x)
-            loss = loss + self.perceptual_weight * p
-            terms["perceptual"] = float(p.detach())
-        gan = self.adversarial is not None and self.adversarial.active(engine)
-        if gan:
-            g, gan_terms = self.adversarial.generator_terms(recon, x)
-            loss = loss + g
-            terms.update(gan_terms)
-        norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
-                                 engine_amp(engine, self.amp)[2], self.max_nonfinite, terms)
-        if gan and norm is not None:
-            terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
-        return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,
-                "grad_norm": norm, "indices": idx.detach()}
+    def extra_outputs(self, extras: tuple) -> dict[str, Any]:
+        return {"indices": extras[1]}
 
 
 class PatchwiseValidation:
