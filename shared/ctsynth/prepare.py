@@ -126,6 +126,25 @@ def _case_id(path: Path) -> str:
     return name
 
 
+def _finish_dataset(out: Path, entries: list[dict[str, Any]], skipped: list[dict[str, Any]], n_inputs: int, noun: str,
+                    fractions: Sequence[float], seed: int, strata: Sequence[str] | None, meta: dict[str, Any],
+                    report_extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The end every ``prepare_*`` shares: refuse when nothing could be used (listing why), split
+    deterministically, write ``datalist.json`` (with ``meta``) and ``report.json``; returns both."""
+    if not entries:
+        raise ValueError(f"none of the {n_inputs} {noun} could be used:\n" +
+                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
+    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=strata)
+    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
+    datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, **meta}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
+              **(report_extra or {})}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return datalist, report
+
+
 def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str = 2,
                     sizes: Sequence[int] = (64, 128, 256), xray_size: int = 512, hu_clip: Sequence[float] = (-1024, 3071),
                     sid_mm: float = 1000.0, sdd_mm: float = 1200.0, fractions: Sequence[float] = (0.8, 0.1, 0.1),
@@ -179,18 +198,9 @@ def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str =
         except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
             logger.warning("skipping %s: %s", path, e)
             skipped.append({"source": str(path), "reason": str(e)})
-    if not entries:
-        raise ValueError(f"none of the {len(paths)} CTs could be used; see the reasons:\n" +
-                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
-    split = deterministic_split([e["id"] for e in entries], fractions, seed)
-    datalist = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
-    datalist["meta"] = {"sizes": sizes, "views_deg": angles, "xray_size": xray_size, "hu_clip": list(hu_clip),
-                        "split_seed": seed, "fractions": list(fractions), "table_removal": table_removal}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
-    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS}}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+    meta = {"sizes": sizes, "views_deg": angles, "xray_size": xray_size, "hu_clip": list(hu_clip),
+            "table_removal": table_removal}
+    return _finish_dataset(out, entries, skipped, len(paths), "CTs", fractions, seed, None, meta)[1]
 
 
 #: datalist keys holding paths (relative to the datalist's folder unless absolute).
@@ -381,19 +391,10 @@ def prepare_slice_interp(studies: str | Path, out: str | Path, fractions: Sequen
         except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
             logger.warning("skipping %s: %s", study, e)
             skipped.append({"source": str(study), "category": category, "reason": str(e)})
-    if not entries:
-        raise ValueError(f"none of the {len(items)} studies could be used:\n" +
-                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
-    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=[e["category"] for e in entries])
-    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
-    datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, "stratified_by": "category",
-                        "categories": sorted({e["category"] for e in entries})}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
-    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
-              "per_category": {c: sum(e["category"] == c for e in entries) for c in datalist["meta"]["categories"]}}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+    categories = sorted({e["category"] for e in entries})
+    return _finish_dataset(out, entries, skipped, len(items), "studies", fractions, seed,
+                           [e["category"] for e in entries], {"stratified_by": "category", "categories": categories},
+                           {"per_category": {c: sum(e["category"] == c for e in entries) for c in categories}})[1]
 
 
 def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (64, 64, 84), spacing_mm: float = 2.0,
@@ -419,13 +420,9 @@ def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (
                         "thin": str(Path("cases") / category / pid / "thin.nii.gz"),
                         "thick_spacing_mm": slice_spacing_mm(thick), "thin_spacing_mm": slice_spacing_mm(thin),
                         "thin_slices": int(thin.shape[3])})
-    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=[e["category"] for e in entries])
-    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
-    datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, "stratified_by": "category",
-                        "categories": sorted({e["category"] for e in entries}), "slab_factor": int(factor)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
-    return {"prepared": len(entries), "splits": {k: len(datalist[k]) for k in SPLITS}}
+    meta = {"stratified_by": "category", "categories": sorted({e["category"] for e in entries}), "slab_factor": int(factor)}
+    return _finish_dataset(out, entries, [], len(entries), "phantoms", fractions, seed, [e["category"] for e in entries],
+                           meta)[1]
 
 
 # ------------------------------------------------------------------------------------------------- CTPA
@@ -540,22 +537,12 @@ def prepare_ctpa(studies: str | Path, out: str | Path, shape: Sequence[int] | No
         except (VolumeReadError, ValueError, RuntimeError, OSError) as e:
             logger.warning("skipping %s: %s", study, e)
             skipped.append({"source": str(study), "reason": str(e)})
-    if not entries:
-        raise ValueError(f"none of the {len(items)} studies could be used:\n" +
-                         "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped))
     strata = [str(e.get("label", "unlabelled")) for e in entries] if label_of else None
-    split = deterministic_split([e["id"] for e in entries], fractions, seed, strata=strata)
-    datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
-    datalist["meta"] = {"shape": list(shape) if shape is not None else None, "window_hu": [float(w) for w in window],
-                        "split_seed": seed, "fractions": list(fractions), "stratified_by": "label" if label_of else None}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
-    report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
-              "labelled": sum("label" in e for e in entries),
-              "xrays": {"paired": sum(e["xray_source"] == "paired" for e in entries),
-                        "drr": sum(e["xray_source"] == "drr" for e in entries)}}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+    meta = {"shape": list(shape) if shape is not None else None, "window_hu": [float(w) for w in window],
+            "stratified_by": "label" if label_of else None}
+    extra = {"labelled": sum("label" in e for e in entries),
+             "xrays": {src: sum(e.get("xray_source") == src for e in entries) for src in ("paired", "drr")}}
+    return _finish_dataset(out, entries, skipped, len(items), "studies", fractions, seed, strata, meta, extra)[1]
 
 
 def write_phantom_ctpa_studies(out: str | Path, n: int = 8, shape: Sequence[int] = (64, 64, 48), spacing_mm: float = 5.0,
