@@ -95,16 +95,17 @@ def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mappin
         workflow.finalize()
 
 
-def network_overrides(checkpoint: str | Path, meta_keys: Sequence[str] = ()) -> dict[str, Any]:
+def network_overrides(checkpoint: str | Path, meta_keys: Sequence[str] = (),
+                      meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Config overrides (``network_def``, ``sizes``, and the ``meta_keys`` the checkpoint recorded, e.g. the
     diffusion schedule) rebuilding the network a checkpoint was trained with.
 
     ``network_def`` is left out when the checkpoint carries no network description (a bare state dict): the
-    config's own is used then.
+    config's own is used then. Pass ``meta`` when it was read already (checkpoints can be gigabytes).
     """
     from ctsynth.engine import read_checkpoint_meta
 
-    meta = read_checkpoint_meta(checkpoint)
+    meta = read_checkpoint_meta(checkpoint) if meta is None else meta
     out: dict[str, Any] = {k: meta[k] for k in meta_keys if k in meta}
     target, cfg = meta.get("network_target"), meta.get("network_config")
     if not target or not cfg:

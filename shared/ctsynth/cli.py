@@ -225,14 +225,15 @@ class CLI:
             ckpt = checkpoint or str(models / "model.pt")
             from ctsynth.engine import read_checkpoint_meta
 
-            if "scale_factor" not in read_checkpoint_meta(ckpt):
+            meta = read_checkpoint_meta(ckpt)
+            if "scale_factor" not in meta:
                 raise ValueError(f"{ckpt}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor); "
                                  "pass the models/model.pt written by bundles/slice_interp_ldm/configs/train.json")
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "checkpoint": ckpt, "inference_steps": int(inference_steps),
                          "autoencoder_path": autoencoder or str(models / "autoencoder.pt"),
                          **network_overrides(ckpt, ("prediction_type", "num_train_timesteps", "schedule", "beta_start",
-                                                    "beta_end"))}
+                                                    "beta_end"), meta)}
             if device:
                 overrides["device"] = f"$torch.device({device!r})"
             _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)[0])

@@ -34,7 +34,8 @@ from ctsynth.transforms import unscale_hu
 
 __all__ = [
     "atomic_torch_save", "is_rank_zero", "init_distributed", "wrap_distributed", "unwrap", "trainable_parameters",
-    "amp_settings", "engine_amp", "engine_autocast", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta", "load_network_weights", "CheckpointManager",
+    "amp_settings", "engine_amp", "engine_autocast", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta",
+    "load_network_weights", "CheckpointManager",
     "TrainingHistory", "ProgressBar", "VolumeMetric", "loss_output",
 ]
 

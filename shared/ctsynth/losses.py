@@ -106,6 +106,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError / ValueError: naming the file and what was expected.
     """
+    return load_state_dict_and_meta(path)[0]
+
+
+def load_state_dict_and_meta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`load_state_dict_file` plus the ``meta`` entry ctsynth checkpoints carry beside the weights (empty
+    when there is none), from one read of the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -121,12 +127,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: cannot load as a weights-only PyTorch file ({type(e).__name__}: {e}); "
                 "save plain tensors (torch.save(model.state_dict(), ...)) or use .safetensors"
             ) from None
+    meta = dict(sd["meta"]) if isinstance(sd, Mapping) and isinstance(sd.get("meta"), Mapping) else {}
     for key in ("state_dict", "model", "model_state_dict", "network"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a mapping of parameter names to tensors (a state dict)")
-    return dict(sd)
+    return dict(sd), meta
 
 
 class VGG19Features(nn.Module):

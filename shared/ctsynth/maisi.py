@@ -84,7 +84,7 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
         FileNotFoundError: no such file (with where the weights come from).
         ValueError: missing or unexpected keys (listed), or mismatching shapes.
     """
-    from ctsynth.losses import load_state_dict_file
+    from ctsynth.losses import load_state_dict_and_meta
 
     path = Path(path)
     if not path.is_file():
@@ -93,11 +93,8 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
             "zoo bundle maisi_ct_generative on a machine with internet access and pass its path, or train one with "
             "the bundle's train_autoencoder.json"
         )
-    from ctsynth.engine import read_checkpoint_meta
-
-    recorded = read_checkpoint_meta(path).get("network_config") if path.suffix != ".safetensors" else None
-    overrides = {**(recorded or {}), **dict(args or {}), **overrides}
-    state = load_state_dict_file(path)  # unwraps state_dict / model / network containers
+    state, meta = load_state_dict_and_meta(path)  # unwraps state_dict / model / network containers
+    overrides = {**(meta.get("network_config") or {}), **dict(args or {}), **overrides}
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     net = build_maisi_autoencoder(**overrides)
     expected = net.state_dict()
