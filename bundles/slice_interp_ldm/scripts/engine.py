@@ -8,8 +8,8 @@ latents are also decoded by the frozen autoencoder and compared with the decoded
 ``image_loss`` (tri-planar VGG on 20 % of the slices + MS-SSIM, weights 0.1 / 0.1 in the seed).
 
 Validation (:class:`SamplingValidation`): whole validation volumes are sampled with DDIM from their
-conditioning and decoded; the prediction and the thin volume go to the evaluator's metrics in [0, 1]
-(MAISI normalisation, [-1000, 1000] HU).
+conditioning and decoded; the prediction and the thin volume (loaded and normalised once by the cached
+validation dataset) go to the evaluator's metrics in [0, 1] (MAISI normalisation, [-1000, 1000] HU).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters
-from ctsynth.io import load_volume
-from ctsynth.maisi import LatentCodec, ct_to_unit
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
+from ctsynth.maisi import LatentCodec
 
 from .sampling import LatentDiffusionSampler, predicted_original
 
@@ -72,7 +71,7 @@ class DiffusionIteration:
         cond = torch.as_tensor(batch["cond_latent"]).to(device).float() * self.scale_factor
         if z0.shape != cond.shape:
             raise ValueError(f"thin latents {tuple(z0.shape)} and conditioning {tuple(cond.shape)} differ in shape")
-        multiple = getattr(getattr(engine.network, "module", engine.network), "multiple", 1)
+        multiple = getattr(unwrap(engine.network), "multiple", 1)
         if any(s % multiple for s in z0.shape[-3:]):
             raise ValueError(f"latent crops {tuple(z0.shape[-3:])} are not divisible by {multiple} (the denoiser's "
                              "downsampling): set crop_depth to a multiple of it, and pad in-plane sizes")
@@ -123,11 +122,10 @@ class SamplingValidation:
         cond = torch.as_tensor(batch["cond_latent"]).to(device).float() * self.scale_factor
         sampler = LatentDiffusionSampler(engine.network, self.scheduler, self.num_inference_steps, self.window,
                                          self.overlap, progress=False)
+        thin = torch.as_tensor(batch["thin"]).to(device).float()  # (B, 1, X, Y, Z) in [0, 1], cached by the dataset
         g = torch.Generator(device=device).manual_seed(self.seed)
-        preds, labels = [], []
+        preds = []
         for i in range(cond.shape[0]):
-            thin = load_volume(batch["thin"][i])
             z = sampler(cond[i:i + 1], generator=g)
-            preds.append(self.codec.decode(z / self.scale_factor * self.codec.scale_factor, thin.shape[1:]))
-            labels.append(ct_to_unit(thin.as_tensor().float())[None].to(device))
-        return {Keys.PRED: torch.cat(preds), Keys.LABEL: torch.cat(labels)}
+            preds.append(self.codec.decode(z / self.scale_factor * self.codec.scale_factor, thin.shape[-3:]))
+        return {Keys.PRED: torch.cat(preds), Keys.LABEL: thin}

@@ -17,6 +17,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctsynth.engine import unwrap
 from ctsynth.transforms import pad_to_multiple
 
 __all__ = ["PREDICTION_TYPES", "Denoiser", "predicted_original", "LatentDiffusionSampler"]
@@ -83,7 +84,7 @@ class LatentDiffusionSampler:
             raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
         self.network, self.scheduler = network, scheduler
         self.num_inference_steps, self.window, self.overlap, self.eta = int(num_inference_steps), window, overlap, eta
-        self.multiple = int(multiple or getattr(getattr(network, "module", network), "multiple", 8))
+        self.multiple = int(multiple or getattr(unwrap(network), "multiple", 8))
         if window is not None and (window < 1 or window % self.multiple):
             raise ValueError(f"window ({window}) must be a positive multiple of {self.multiple} (the denoiser's "
                              "downsampling)")
