@@ -18,7 +18,6 @@ from monai.utils import CommonKeys as Keys
 
 from ctsynth.adversarial import ReconstructionIteration
 from ctsynth.engine import unwrap
-from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import code_counts, perplexity_of_counts, usage_of_counts
 
 __all__ = ["VQGANIteration", "PatchwiseValidation", "CodebookMonitor"]
@@ -55,16 +54,9 @@ class PatchwiseValidation:
         from .vqgan import PatchwiseVQGAN
 
         x = torch.as_tensor(batch[self.image_key]).float()
-        net = unwrap(engine.network)
-        codec = PatchwiseVQGAN(net, self._fit(x.shape[-3:], net.downsample), self.overlap, self.mode,
-                               device=engine.state.device)
-        pred = codec(pad_to_multiple(x, net.downsample))[..., :x.shape[-3], :x.shape[-2], :x.shape[-1]]
-        return {Keys.PRED: pred.clamp(0, 1), Keys.LABEL: x}
-
-    def _fit(self, shape: Sequence[int], multiple: int) -> tuple[int, ...]:
-        """Windows no larger than the (padded) volume, multiples of the model's downsampling."""
-        padded = [-(-int(s) // multiple) * multiple for s in shape]
-        return tuple(min(int(r) // multiple * multiple, p) for r, p in zip(self.roi_size, padded))
+        codec = PatchwiseVQGAN.fitted(unwrap(engine.network), x.shape[-3:], self.roi_size, overlap=self.overlap,
+                                      mode=self.mode, device=engine.state.device)
+        return {Keys.PRED: codec.reconstruct(x).clamp(0, 1), Keys.LABEL: x}
 
 
 class CodebookMonitor:

@@ -56,34 +56,25 @@ class VQGANReconstructor:
         self.window = tuple(float(w) for w in intensity_range)
         self.roi_size, self.overlap, self.mode, self.whole_max_voxels = roi_size, overlap, mode, int(whole_max_voxels)
 
-    def _codec(self, shape: Sequence[int]) -> PatchwiseVQGAN:
-        m = self.net.downsample
-        padded = [-(-int(s) // m) * m for s in shape]
-        roi = [min(int(r) // m * m, p) for r, p in zip(self.roi_size, padded)]
-        return PatchwiseVQGAN(self.net, roi, self.overlap, self.mode, device=self.device)
-
     @torch.no_grad()
     def reconstruct(self, volume_hu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, PatchwiseVQGAN]:
         """(1, X, Y, Z) HU -> (patch-wise HU, whole-volume HU or None, code counts, the codec)."""
         x = scale_hu(torch.as_tensor(volume_hu).float(), self.window)[None]
         size = x.shape[-3:]
+        codec = PatchwiseVQGAN.fitted(self.net, size, self.roi_size, overlap=self.overlap, mode=self.mode,
+                                      device=self.device)
+        patch = codec.reconstruct(x)[0]
         xp = pad_to_multiple(x, self.net.downsample)
-        codec = self._codec(size)
-        patch = codec(xp)[..., :size[0], :size[1], :size[2]][0]
-        whole, counts = None, None
+        n = self.net.quantizer.num_embeddings
+        whole = None
         if xp[0, 0].numel() <= self.whole_max_voxels:
             rec, _, idx = self.net(xp.to(self.device))
             whole = unscale_hu(rec.float().clamp(0, 1).cpu()[..., :size[0], :size[1], :size[2]][0], self.window)
-            counts = code_counts(idx, self.net.quantizer.num_embeddings)
+            counts = code_counts(idx, n)
         else:  # codes of the windows the patch-wise path used
-            from monai.data.utils import dense_patch_slices
-
-            roi = codec._roi(xp.shape[-3:])
-            interval = [r if r == s else max(int(r * (1 - self.overlap)), 1) for r, s in zip(roi, xp.shape[-3:])]
-            counts = torch.zeros(self.net.quantizer.num_embeddings, dtype=torch.float64)
-            for sl in dense_patch_slices(tuple(xp.shape[-3:]), roi, interval):
-                _, _, idx = self.net.encode(xp[(..., *sl)].to(self.device))
-                counts += code_counts(idx, self.net.quantizer.num_embeddings)
+            counts = torch.zeros(n, dtype=torch.float64)
+            for sl in codec.windows(xp.shape[-3:]):
+                counts += code_counts(self.net.encode(xp[(..., *sl)].to(self.device))[2], n)
         return unscale_hu(patch.clamp(0, 1), self.window), whole, counts, codec
 
     def reconstruct_file(self, input: str, output: str, preview: str | None = None) -> dict[str, Any]:

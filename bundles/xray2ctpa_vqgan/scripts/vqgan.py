@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
 __all__ = ["VQGAN3D", "PatchwiseVQGAN"]
@@ -156,18 +157,38 @@ class PatchwiseVQGAN:
         out = self.model(window)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    @classmethod
+    def fitted(cls, model: nn.Module, shape: Sequence[int], roi_size: Sequence[int] = (256, 256, 128),
+               **kwargs: Any) -> PatchwiseVQGAN:
+        """Windows of at most ``roi_size`` for a volume of ``shape`` (X, Y, Z): rounded down to multiples of the
+        model's downsampling and no larger than the volume padded to that multiple."""
+        m = int(getattr(model, "downsample", 1))
+        padded = [-(-int(s) // m) * m for s in shape]
+        return cls(model, [max(min(int(r) // m * m, p), m) for r, p in zip(roi_size, padded)], **kwargs)
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes the model needs (its downsampling; 1 for a plain function)."""
+        return int(getattr(self.model, "downsample", 1))
+
     def _roi(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(min(r, int(s)) for r, s in zip(self.roi_size, shape))
 
-    def window_borders(self, shape: Sequence[int]) -> list[list[int]]:
-        """Per spatial axis, the indices where a window starts or ends inside a volume of ``shape`` (X, Y, Z)
-        (the windows MONAI's sliding-window inference cuts: interval ``int(roi * (1 - overlap))``)."""
+    def windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The windows MONAI's sliding-window inference cuts from a volume of ``shape`` (X, Y, Z) (interval
+        ``int(roi * (1 - overlap))``, the last window flush with the end)."""
         from monai.data.utils import dense_patch_slices
 
         roi = self._roi(shape)
         interval = [r if r == s else max(int(r * (1 - self.overlap)), 1) for r, s in zip(roi, shape)]
+        return dense_patch_slices(tuple(int(s) for s in shape), roi, interval)
+
+    def window_borders(self, shape: Sequence[int]) -> list[list[int]]:
+        """Per spatial axis, the indices where a window starts or ends inside a volume of ``shape`` (X, Y, Z), for
+        the windows :meth:`reconstruct` cuts (from the volume padded to :attr:`multiple`)."""
+        padded = [-(-int(s) // self.multiple) * self.multiple for s in shape]
         borders: list[set[int]] = [set(), set(), set()]
-        for window in dense_patch_slices(tuple(int(s) for s in shape), roi, interval):
+        for window in self.windows(padded):
             for a, sl in enumerate(window):
                 borders[a].update(int(b) for b in (sl.start, sl.stop) if 0 < b < shape[a])
         return [sorted(b) for b in borders]
@@ -187,6 +208,11 @@ class PatchwiseVQGAN:
             return 1.0  # one window: no seams
         return (border_sum / border_n) / max(other_sum / max(other_n, 1), 1e-12)
 
+    def reconstruct(self, volume: torch.Tensor) -> torch.Tensor:
+        """Any (B, C, X, Y, Z) volume: padded (edge values) to :attr:`multiple`, windowed, cropped back."""
+        size = volume.shape[-3:]
+        return self(pad_to_multiple(volume, self.multiple))[..., :size[0], :size[1], :size[2]]
+
     @torch.no_grad()
     def __call__(self, volume: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) -> the reconstructed volume, same shape, on ``stitch_device``."""
@@ -197,10 +223,9 @@ class PatchwiseVQGAN:
         if isinstance(self.model, nn.Module):
             self.model.eval()
         roi = self._roi(volume.shape[-3:])
-        multiple = getattr(self.model, "downsample", 1)
-        if any(r % multiple for r in roi):
-            raise ValueError(f"windows {roi} must be divisible by the model's downsampling {multiple}; pad the volume "
-                             "or change roi_size")
+        if any(r % self.multiple for r in roi):
+            raise ValueError(f"windows {roi} must be divisible by the model's downsampling {self.multiple}; pad the "
+                             "volume (reconstruct() does) or change roi_size")
         return sliding_window_inference(volume, roi_size=roi, sw_batch_size=self.sw_batch_size, predictor=self._predict,
                                         overlap=self.overlap, mode=self.mode, padding_mode="replicate",
                                         sw_device=self.device or volume.device, device=self.stitch_device,
