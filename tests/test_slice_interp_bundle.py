@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import monai_bundle_run
 
-from ctsynth.bundles import bundle_module, bundle_root, network_overrides, run_bundle
+from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_volume
@@ -33,7 +33,6 @@ DiffusionIteration = bundle_module("slice_interp_ldm", "engine").DiffusionIterat
 AE = {"num_channels": [4, 8, 8], "norm_num_groups": 4, "num_splits": 1}
 UNET = {"network_def#channels": [8, 8, 8, 8], "network_def#attention_levels": [False, True, False, False],
         "network_def#num_head_channels": 8, "network_def#norm_num_groups": 4, "network_def#num_res_blocks": 1}
-META_KEYS = ("prediction_type", "num_train_timesteps", "schedule", "beta_start", "beta_end")
 
 
 class PoolingAutoencoder(nn.Module):
@@ -112,7 +111,7 @@ def test_inference_matches_training_and_seed_network():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
     assert train["network_def"] == infer["network_def"]
-    for k in META_KEYS:
+    for k in DIFFUSION_SCHEDULE_KEYS:
         assert train[k] == infer[k], k
     assert train["network_def"]["channels"] == [192, 384, 768, 768]  # the seed's "medium" UNet
     assert train["num_train_timesteps"] == 1000 and infer["inference_steps"] == 50
@@ -158,7 +157,7 @@ def test_evaluation_compares_every_method(trained):
     root, common, over = trained
     ckpt = root / "models" / "model.pt"
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
-        **over, **network_overrides(ckpt, META_KEYS), "inference_steps": 2, "self_supervised_steps": 5,
+        **over, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "inference_steps": 2, "self_supervised_steps": 5,
         "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "self_supervised"]})[0]
     combos = {(r["method"], tuple(r["window"]), r["mode"]) for r in report["summary"]}
     assert combos == {(m, w, mode) for m in ("linear", "cubic", "vae_ceiling", "ldm", "self_supervised")

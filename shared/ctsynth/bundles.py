@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES", "bundle_root", "bundle_module", "run_bundle", "network_overrides"]
+__all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "run_bundle", "network_overrides"]
 
 logger = logging.getLogger(__name__)
 
 #: The bundles of this project.
 BUNDLES = ("cascade_xray2ct", "slice_interp_ldm", "xray2ctpa_vqgan")
+#: config ids a diffusion checkpoint records and its sampler must reuse (``network_overrides(..., meta_keys)``)
+DIFFUSION_SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "schedule", "beta_start", "beta_end")
 
 
 def bundle_root(name: str, add_to_path: bool = True) -> str:

@@ -219,7 +219,7 @@ class CLI:
         if int(samples) > 1 and method != "ldm":
             raise ValueError(f"--samples {samples} needs --method ldm (the other methods are deterministic)")
         if method == "ldm":
-            from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+            from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_root, network_overrides, run_bundle
 
             models = Path(bundle_root("slice_interp_ldm")) / "models"
             ckpt = checkpoint or str(models / "model.pt")
@@ -232,8 +232,7 @@ class CLI:
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "checkpoint": ckpt, "inference_steps": int(inference_steps),
                          "autoencoder_path": autoencoder or str(models / "autoencoder.pt"),
-                         **network_overrides(ckpt, ("prediction_type", "num_train_timesteps", "schedule", "beta_start",
-                                                    "beta_end"), meta)}
+                         **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
             if device:
                 overrides["device"] = f"$torch.device({device!r})"
             _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)[0])

@@ -182,7 +182,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     per-case self-supervised refiner against linear and cubic interpolation and the autoencoder's ceiling;
     interpolate one test series with 2 samples (mean + uncertainty). Writes ``OUT/slice_interp_ldm/metrics.json``.
     """
-    from ctsynth.bundles import network_overrides, run_bundle
+    from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, network_overrides, run_bundle
     from ctsynth.io import load_volume
     from ctsynth.prepare import load_datalist, prepare_phantom_pairs, slice_spacing_mm
     from ctsynth.slices import fit_refiner, interpolate_slices, paired_pairs, save_refiner, thin_grid_offset_mm
@@ -226,10 +226,9 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     timings["train_refiner_s"] = time.perf_counter() - t
 
     ckpt = str(root / "models" / "model.pt")
-    meta_keys = ("prediction_type", "num_train_timesteps", "schedule", "beta_start", "beta_end")
     t = time.perf_counter()
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
-        **common, **ldm, **network_overrides(ckpt, meta_keys), "refiner_path": str(refiner_path),
+        **common, **ldm, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "refiner_path": str(refiner_path),
         "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised"],
         "self_supervised_steps": int(sched["self_supervised_steps"])})[0]
     timings["evaluate_s"] = time.perf_counter() - t
@@ -240,7 +239,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
         "models_dir": str(root / "models"), "autoencoder_args": SLICE_DEMO_AUTOENCODER, "input": case["thick"],
         "output": str(root / "inference" / "thin.nii.gz"), "spacing": spacing, "samples": 2,
         "preview": str(root / "inference" / "thin.png"), "sampler_window": 24, "codec_chunk": 96,
-        **network_overrides(ckpt, meta_keys)})[0]
+        **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS)})[0]
     timings["inference_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
