@@ -22,10 +22,11 @@ from monai.engines import Trainer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from ctsynth.diffusion import diffusion_target, predicted_original
 from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
 from ctsynth.maisi import LatentCodec
 
-from .sampling import LatentDiffusionSampler, predicted_original
+from .sampling import LatentDiffusionSampler
 
 __all__ = ["DiffusionIteration", "SamplingValidation"]
 
@@ -57,14 +58,6 @@ class DiffusionIteration:
         self.autoencoder, self.image_loss, self.image_loss_interval = autoencoder, image_loss, int(image_loss_interval)
         self.grad_clip, self.amp, self.accumulate, self.max_nonfinite = grad_clip, amp, int(accumulate), max_nonfinite
 
-    def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        kind = self.scheduler.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(clean, noise, timesteps)
-        return clean
-
     def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         device = engine.state.device
         z0 = torch.as_tensor(batch["thin_latent"]).to(device).float() * self.scale_factor
@@ -81,7 +74,7 @@ class DiffusionIteration:
         noisy = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
         with engine_autocast(engine, self.amp):
             out = engine.network(torch.cat([noisy, cond], dim=1), t).float()
-        loss = F.mse_loss(out, self.target(z0, noise, t))
+        loss = F.mse_loss(out, diffusion_target(self.scheduler, z0, noise, t))
         terms = {"mse": float(loss.detach())}
         if self.image_loss is not None and engine.state.iteration % self.image_loss_interval == 0:
             x0 = predicted_original(self.scheduler, noisy, out, t)

@@ -17,13 +17,13 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 from tqdm.auto import tqdm
 
+
 from ctsynth.engine import unwrap
 from ctsynth.transforms import pad_to_multiple
 
-__all__ = ["PREDICTION_TYPES", "Denoiser", "predicted_original", "LatentDiffusionSampler"]
+__all__ = ["Denoiser", "LatentDiffusionSampler"]
 
 logger = logging.getLogger(__name__)
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class Denoiser(DiffusionModelUNet):
@@ -47,19 +47,6 @@ class Denoiser(DiffusionModelUNet):
         super().__init__(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels, **unet_args)
         self.config = {"latent_channels": latent_channels, **unet_args}
         self.multiple = 2 ** (len(unet_args.get("channels", (32, 64, 64, 64))) - 1)
-
-
-def predicted_original(scheduler: Any, noisy: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The clean latents the denoiser's ``output`` implies at ``timesteps`` (per batch item)."""
-    a = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, *([1] * (noisy.ndim - 1)))
-    kind = scheduler.prediction_type
-    if kind == "epsilon":
-        return (noisy - (1 - a).sqrt() * output) / a.sqrt()
-    if kind == "v_prediction":
-        return a.sqrt() * noisy - (1 - a).sqrt() * output
-    if kind == "sample":
-        return output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
 
 
 class LatentDiffusionSampler:
