@@ -88,6 +88,24 @@ def test_checkpoint_manager_resumes_and_tracks_best(tmp_path):
     assert meta["network_target"] == "torch.nn.modules.linear.Linear"
 
 
+@pytest.mark.parametrize("metrics, best_epoch, published_metric", [
+    ([float("nan"), float("nan")], 2, None),  # never finite (an AUC on a one-class split): the model is still saved
+    ([float("nan"), 5.0, float("nan")], 2, 5.0),  # a finite value replaces it; later NaN keeps it
+    ([5.0, float("nan")], 1, 5.0),
+])
+def test_checkpoint_manager_handles_non_finite_metrics(tmp_path, metrics, best_epoch, published_metric):
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer, evaluator = _trainer(model, opt, metrics)
+    mgr = CheckpointManager(tmp_path / "ck", {"network": model, "optimizer": opt}, evaluator=evaluator,
+                            key_metric="val_psnr", publish_path=tmp_path / "model.pt")
+    mgr.attach(trainer)
+    trainer.run(range(2), max_epochs=len(metrics))
+    meta = read_checkpoint_meta(tmp_path / "model.pt")
+    assert meta["epoch"] == best_epoch and meta["metric"] == published_metric
+
+
 def test_checkpoint_manager_rejects_foreign_checkpoint(tmp_path):
     model = nn.Linear(1, 1)
     atomic_torch_save({"network": model.state_dict()}, tmp_path / CheckpointManager.LAST)

@@ -1,6 +1,7 @@
 """`ctsynth prepare ctpa`: CTPA studies (NIfTI, DICOM) -> resampled NIfTI, paired X-ray or DRR, PE labels, datalist."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from ctsynth.cli import main
 from ctsynth.io import load_projection, load_volume, save_dicom_series, save_nifti
 from ctsynth.phantoms import grid_affine, thorax_phantom
-from ctsynth.prepare import prepare_ctpa, resample_to_shape
+from ctsynth.prepare import load_datalist, prepare_ctpa, resample_to_shape
 
 
 def test_resample_to_shape_keeps_the_extent():
@@ -56,6 +57,12 @@ def test_prepare_ctpa_from_phantoms_dicom_and_a_bad_study(tmp_path, capsys):
         assert xray.shape == ((40, 50) if e["id"] == "ctpa_001" else (32, 32))
     dicom = next(e for e in entries if e["id"] == "dicom_case")
     assert dicom["native_spacing_mm"] == pytest.approx([8.0, 8.0, 8.0]) and "label" not in dicom
+    # the X-ray path is resolved (its source tag is not a path); require= keeps the labelled cases
+    split = next(k for k in ("training", "validation", "test") if any(e["id"] == "dicom_case" for e in data[k]))
+    loaded = load_datalist(tmp_path / "data" / "datalist.json", split)
+    assert all(Path(e["xray"]).is_absolute() and e["xray_source"] in ("paired", "drr") for e in loaded)
+    labelled = load_datalist(tmp_path / "data" / "datalist.json", split, require=["label"])
+    assert [e["id"] for e in labelled] == [e["id"] for e in loaded if e["id"] != "dicom_case"]
     # deterministic: the same call gives the same split
     again = prepare_ctpa(studies, tmp_path / "data2", shape=(16, 16, 12), labels=made["labels"], xray_size=32)
     data2 = json.loads((tmp_path / "data2" / "datalist.json").read_text())
@@ -73,6 +80,10 @@ def test_prepare_ctpa_errors(tmp_path):
     (tmp_path / "labels.csv").write_text("id,label\na,yes\n")
     with pytest.raises(ValueError, match="use 0 \\(no PE\\) or 1 \\(PE\\)"):
         prepare_ctpa(tmp_path / "studies", tmp_path / "out", labels=tmp_path / "labels.csv")
+    save_nifti(vol, tmp_path / "studies" / "b.nii.gz")
+    prepare_ctpa(tmp_path / "studies", tmp_path / "unlabelled", shape=(8, 8, 4), xray_size=8, fractions=(0.5, 0.5, 0.0))
+    with pytest.raises(ValueError, match="has \\['label'\\].*--labels"):
+        load_datalist(tmp_path / "unlabelled" / "datalist.json", "training", require=["label"])
     (tmp_path / "bad.csv").write_text("patient,pe\na,1\n")
     with pytest.raises(ValueError, match="columns 'id' and 'label'"):
         prepare_ctpa(tmp_path / "studies", tmp_path / "out", labels=tmp_path / "bad.csv")

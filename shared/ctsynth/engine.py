@@ -308,8 +308,13 @@ class CheckpointManager:
 
     def _save_best(self, trainer: Engine, value: float | None) -> None:
         if value is not None and not math.isfinite(value):
-            logger.warning("validation %s is %s at epoch %d; best model kept", self.key_metric, value, trainer.state.epoch)
-            return
+            if self.best_path.is_file() and self.best_metric is not None:
+                logger.warning("validation %s is %s at epoch %d; best model kept", self.key_metric, value,
+                               trainer.state.epoch)
+                return
+            logger.warning("validation %s is %s at epoch %d and no model was saved yet: saving this one (e.g. an AUC on "
+                           "a validation split holding one class)", self.key_metric, value, trainer.state.epoch)
+            value = None
         better = (value is None or self.best_metric is None
                   or (value > self.best_metric if self.greater else value < self.best_metric))
         if not better:
@@ -400,7 +405,7 @@ class TrainingHistory:
         values = {"loss": out.get("loss")} | {f"loss_{k}": v for k, v in (out.get("terms") or {}).items()}
         for k, v in values.items():
             if v is not None:
-                v = float(v)
+                v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
                 if math.isfinite(v):
                     self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
@@ -444,7 +449,7 @@ class ProgressBar:
 def loss_output(output: Any) -> dict[str, float]:
     """``{"loss": value}`` from an engine output (the ``output_transform`` of stats / TensorBoard handlers)."""
     if isinstance(output, Mapping) and output.get("loss") is not None:
-        return {"loss": float(output["loss"])}
+        return {"loss": float(torch.as_tensor(output["loss"]).detach())}
     return {}
 
 

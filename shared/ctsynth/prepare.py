@@ -205,10 +205,13 @@ def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str =
 
 #: datalist keys holding paths (relative to the datalist's folder unless absolute).
 _PATH_KEY_PREFIXES = ("image", "label", "xrays", "geometry", "thick", "thin", "ct")
+_PATH_KEYS = ("xray",)  # exact names (``xray_source`` is not a path)
 
 
-def load_datalist(path: str | Path, split: str = "training", check_files: bool = True) -> list[dict[str, Any]]:
-    """Entries of one split of a datalist written by ``ctsynth prepare``, with paths made absolute.
+def load_datalist(path: str | Path, split: str = "training", check_files: bool = True,
+                  require: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Entries of one split of a datalist written by ``ctsynth prepare``, with paths made absolute; with
+    ``require``, only the entries that have every one of those keys (e.g. ``label``).
 
     Raises:
         FileNotFoundError / ValueError: missing datalist, unknown or empty split, missing files (named),
@@ -239,7 +242,7 @@ def load_datalist(path: str | Path, split: str = "training", check_files: bool =
     for entry in data[split]:
         e = dict(entry)
         for k, v in entry.items():
-            if k.startswith(_PATH_KEY_PREFIXES) and isinstance(v, (str, list)):
+            if (k.startswith(_PATH_KEY_PREFIXES) or k in _PATH_KEYS) and isinstance(v, (str, list)):
                 e[k] = resolve(v)
                 if check_files:
                     for f in e[k] if isinstance(e[k], list) else [e[k]]:
@@ -247,6 +250,14 @@ def load_datalist(path: str | Path, split: str = "training", check_files: bool =
                             raise FileNotFoundError(f"{path}: case {entry.get('id', '?')!r} lists {f}, which does not "
                                                     "exist; re-run `ctsynth prepare` or fix the datalist")
         out.append(e)
+    if require:
+        kept = [e for e in out if all(k in e for k in require)]
+        if not kept:
+            raise ValueError(f"{path}: no case of split {split!r} has {list(require)}; give them when preparing (e.g. "
+                             "`ctsynth prepare ctpa --labels labels.csv`)")
+        if len(kept) < len(out):
+            logger.info("%s: %d of %d %s cases have %s", path, len(kept), len(out), split, list(require))
+        out = kept
     return out
 
 
