@@ -132,3 +132,21 @@ def test_training_with_perceptual_adversarial_terms_and_codebook_monitor(tmp_pat
     assert any(not torch.equal(b, p) for b, p in zip(before, disc.parameters()))
     out = iteration(trainer, data[0])
     assert out["indices"].shape == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("norm, local", [("batch", True), ("group", False)])
+def test_batch_norm_treats_a_window_as_the_whole_volume_does(norm, local):
+    # a window's voxels are normalised as inside the whole volume only when the statistics do not span the
+    # input: BatchNorm's running statistics at inference, not GroupNorm's
+    torch.manual_seed(0)
+    layer = vqgan._norm(norm, 8, 4)
+    layer.train()(torch.randn(2, 8, 6, 6, 6) * 3 + 1)  # BatchNorm learns running statistics
+    layer.eval()
+    x = torch.randn(1, 8, 12, 12, 12) * torch.linspace(0.5, 4.0, 12)  # statistics vary along z
+    same = torch.allclose(layer(x)[..., :6], layer(x[..., :6]), atol=1e-5)
+    assert same is local
+
+
+def test_unknown_norm_is_named():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        vqgan.VQGAN3D(**TINY, norm="instance")

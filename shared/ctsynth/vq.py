@@ -69,7 +69,7 @@ class RestartingEMAQuantizer(EMAQuantizer):
 
     def __init__(self, spatial_dims: int = 3, num_embeddings: int = 512, embedding_dim: int = 64,
                  commitment_cost: float = 0.25, decay: float = 0.99, epsilon: float = 1e-5,
-                 restart_threshold: float = 1e-2, ddp_sync: bool = True) -> None:
+                 restart_threshold: float = 1.0, ddp_sync: bool = True) -> None:
         super().__init__(spatial_dims, num_embeddings, embedding_dim, commitment_cost, decay, epsilon,
                          ddp_sync=ddp_sync)
         if restart_threshold < 0:

@@ -1,14 +1,14 @@
 """3D VQ-GAN for CT pulmonary angiography: encoder, EMA codebook with dead-code restart, decoder, and the
 patch-wise path that encodes and decodes full volumes in overlapping windows.
 
-Encoder: a 3x3x3 stem, then ``len(channels) - 1`` stages of residual blocks (GroupNorm, SiLU) each ending in a
+Encoder: a 3x3x3 stem, then ``len(channels) - 1`` stages of residual blocks (GroupNorm or BatchNorm, SiLU) each ending in a
 stride-2 convolution (three for the seed: 8x compression per axis), residual blocks at the bottom, and a 1x1
 projection to the code width. Decoder: the mirror image, with nearest-neighbour upsampling + convolution.
 MONAI's ``VQVAE`` has no normalisation layers and no dead-code restart, hence this network; the quantiser is
 :class:`ctsynth.vq.RestartingEMAQuantizer` (MONAI's ``EMAQuantizer`` underneath).
 
 Normalisation and quantisation distances run in float32 under autocast, so bf16 training does not turn the
-codebook distances or the group statistics into NaN.
+codebook distances or the normalisation statistics into NaN.
 """
 
 from __future__ import annotations
@@ -39,12 +39,24 @@ def _groups(channels: int, groups: int) -> int:
     return g
 
 
+class _BatchNorm(nn.BatchNorm3d):
+    """BatchNorm computed in float32. In eval mode it applies the running statistics, which do not depend on the
+    input's extent: a window is normalised exactly as the same voxels inside the whole volume."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    return _BatchNorm(channels) if kind == "batch" else _Norm(_groups(channels, groups), channels)
+
+
 class _ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+    def __init__(self, c_in: int, c_out: int, groups: int, norm: str) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            _Norm(_groups(c_in, groups), c_in), nn.SiLU(), nn.Conv3d(c_in, c_out, 3, padding=1),
-            _Norm(_groups(c_out, groups), c_out), nn.SiLU(), nn.Conv3d(c_out, c_out, 3, padding=1),
+            _norm(norm, c_in, groups), nn.SiLU(), nn.Conv3d(c_in, c_out, 3, padding=1),
+            _norm(norm, c_out, groups), nn.SiLU(), nn.Conv3d(c_out, c_out, 3, padding=1),
         )
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -62,39 +74,48 @@ class VQGAN3D(nn.Module):
         num_embeddings / embedding_dim: codebook size and code width (the seed: 512 x 64).
         commitment_cost / decay / restart_threshold: quantiser settings (see :class:`RestartingEMAQuantizer`).
         norm_groups: GroupNorm groups (fewer when a width is not divisible).
+        norm: ``group`` (GroupNorm: statistics over the whole input, so a window is normalised a little
+            differently from the same voxels inside the whole volume) or ``batch`` (BatchNorm: at inference the
+            running statistics, identical for windows and whole volumes, so the patch-wise path has no
+            normalisation seams; measured lower quality in short training, see docs/README.md).
 
     Shapes:
         forward(x (B, C, X, Y, Z), each size divisible by :attr:`downsample`) ->
         (reconstruction like x, commitment loss (), code indices (B, X/f, Y/f, Z/f)).
     """
 
+    NORMS = ("group", "batch")
+
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (64, 128, 192, 256), num_res_blocks: int = 2,
                  num_embeddings: int = 512, embedding_dim: int = 64, commitment_cost: float = 0.25,
-                 decay: float = 0.99, restart_threshold: float = 1e-2, norm_groups: int = 32) -> None:
+                 decay: float = 0.99, restart_threshold: float = 1.0, norm_groups: int = 32,
+                 norm: str = "group") -> None:
         super().__init__()
+        if norm not in self.NORMS:
+            raise ValueError(f"norm must be one of {self.NORMS}, got {norm!r}")
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two widths (one downsampling), got {list(channels)}")
         ch = [int(c) for c in channels]
         self.config = {"in_channels": in_channels, "channels": ch, "num_res_blocks": num_res_blocks,
                        "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
                        "commitment_cost": commitment_cost, "decay": decay, "restart_threshold": restart_threshold,
-                       "norm_groups": norm_groups}
+                       "norm_groups": norm_groups, "norm": norm}
         self.downsample = 2 ** (len(ch) - 1)
         enc: list[nn.Module] = [nn.Conv3d(in_channels, ch[0], 3, padding=1)]
         for i in range(len(ch) - 1):
-            enc += [_ResBlock(ch[i], ch[i], norm_groups) for _ in range(num_res_blocks)]
+            enc += [_ResBlock(ch[i], ch[i], norm_groups, norm) for _ in range(num_res_blocks)]
             enc.append(nn.Conv3d(ch[i], ch[i + 1], 4, stride=2, padding=1))
-        enc += [_ResBlock(ch[-1], ch[-1], norm_groups) for _ in range(num_res_blocks)]
-        enc += [_Norm(_groups(ch[-1], norm_groups), ch[-1]), nn.SiLU(), nn.Conv3d(ch[-1], embedding_dim, 1)]
+        enc += [_ResBlock(ch[-1], ch[-1], norm_groups, norm) for _ in range(num_res_blocks)]
+        enc += [_norm(norm, ch[-1], norm_groups), nn.SiLU(), nn.Conv3d(ch[-1], embedding_dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = RestartingEMAQuantizer(3, num_embeddings, embedding_dim, commitment_cost, decay,
                                                 restart_threshold=restart_threshold)
         dec: list[nn.Module] = [nn.Conv3d(embedding_dim, ch[-1], 3, padding=1)]
-        dec += [_ResBlock(ch[-1], ch[-1], norm_groups) for _ in range(num_res_blocks)]
+        dec += [_ResBlock(ch[-1], ch[-1], norm_groups, norm) for _ in range(num_res_blocks)]
         for i in range(len(ch) - 1, 0, -1):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(ch[i], ch[i - 1], 3, padding=1)]
-            dec += [_ResBlock(ch[i - 1], ch[i - 1], norm_groups) for _ in range(num_res_blocks)]
-        dec += [_Norm(_groups(ch[0], norm_groups), ch[0]), nn.SiLU(), nn.Conv3d(ch[0], in_channels, 3, padding=1)]
+            dec += [_ResBlock(ch[i - 1], ch[i - 1], norm_groups, norm) for _ in range(num_res_blocks)]
+        dec += [_norm(norm, ch[0], norm_groups), nn.SiLU(), nn.Conv3d(ch[0], in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
     def _check(self, x: torch.Tensor) -> None:
