@@ -106,6 +106,26 @@ def test_checkpoint_manager_handles_non_finite_metrics(tmp_path, metrics, best_e
     assert meta["epoch"] == best_epoch and meta["metric"] == published_metric
 
 
+def test_checkpoint_manager_publishes_the_last_weights_when_validation_never_ran(tmp_path):
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.linspace(-1, 1, 8)[:, None]
+
+    def step(engine, batch):
+        loss = ((model(x) - 2 * x) ** 2).mean()
+        optimisation_step(engine, loss, opt)
+        return {"loss": float(loss.detach())}
+
+    trainer, evaluator = Engine(step), Engine(lambda e, b: None)  # the evaluator never runs (val_interval > epochs)
+    mgr = CheckpointManager(tmp_path / "ck", {"network": model, "optimizer": opt}, evaluator, "val_psnr",
+                            publish_path=tmp_path / "model.pt")
+    mgr.attach(trainer)
+    trainer.run(range(2), max_epochs=2)
+    meta = read_checkpoint_meta(tmp_path / "model.pt")
+    assert meta["epoch"] == 2 and meta["metric"] is None
+    assert torch.equal(torch.load(tmp_path / "model.pt")["network"]["weight"], model.weight.detach())
+
+
 def test_checkpoint_manager_rejects_foreign_checkpoint(tmp_path):
     model = nn.Linear(1, 1)
     atomic_torch_save({"network": model.state_dict()}, tmp_path / CheckpointManager.LAST)

@@ -359,6 +359,9 @@ class CheckpointManager:
             engine.terminate()
 
     def publish(self, engine: Engine) -> None:
+        if not self.best_path.is_file():  # never validated (val_interval > epochs): the final weights
+            logger.warning("no validation ran before the end of training: %s holds the last weights", self.best_path)
+            self._save_best(engine, None)
         if self.publish_path is None or not is_rank_zero() or not self.best_path.is_file():
             return
         atomic_torch_save(torch.load(self.best_path, map_location="cpu", weights_only=True), self.publish_path)
