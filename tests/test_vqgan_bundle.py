@@ -63,7 +63,7 @@ def test_evaluation_and_reconstruction(trained, tmp_path):
     assert s["psnr_whole"] is not None and s["patchwise_minus_whole_db"] is not None and s["seam_ratio_patchwise"] > 0
     assert (root / "eval" / "metrics.md").is_file()
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
-    rec = run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", {
+    rec = run_bundle("xray2ctpa_vqgan", ["reconstruct.json"], "inference", {
         **{k: v for k, v in over.items() if k.startswith("network_def")}, "models_dir": str(root / "models"),
         "input": case["image"], "output": str(tmp_path / "rec.nii.gz"), "preview": str(tmp_path / "rec.png"),
         "roi_size": [16, 16, 16]})[0]

@@ -1,4 +1,4 @@
-"""VQ-GAN evaluation (``evaluate.json``) and reconstruction of one volume (``inference.json``).
+"""VQ-GAN evaluation (``evaluate.json``) and reconstruction of one volume (``reconstruct.json``).
 
 For each volume of a split: the reconstruction through the codebook by the patch-wise path (overlapping windows,
 the path that scales to 512 x 512 x 600) and, when the volume fits ``whole_max_voxels``, by the whole-volume path;
@@ -78,7 +78,7 @@ class VQGANReconstructor:
         return unscale_hu(patch.clamp(0, 1), self.window), whole, counts, codec
 
     def reconstruct_file(self, input: str, output: str, preview: str | None = None) -> dict[str, Any]:
-        """``inference.json``: one CTPA (NIfTI, DICOM folder or zip) through the codebook, patch-wise."""
+        """``reconstruct.json``: one CTPA (NIfTI, DICOM folder or zip) through the codebook, patch-wise."""
         vol = load_volume(input)
         patch, _, counts, codec = self.reconstruct(vol)
         out = MetaTensor(patch, affine=vol.affine)

@@ -1,0 +1,250 @@
+"""Stage 2: DDPM training and guided DDIM sampling of VQ-GAN latents conditioned on a chest X-ray.
+
+The frozen VQ-GAN (stage 1) encodes each CTPA (B, 1, X, Y, Z) in [0, 1] to its quantised codes
+(B, D, X/f, Y/f, Z/f); multiplied by ``scale_factor`` (unit variance over the training set, estimated by
+:func:`latent_scale_factor` and recorded in the checkpoint) these are the diffusion model's clean latents.
+Training (:class:`XrayDiffusionIteration`): MSE to the scheduler's target, the X-ray replaced by the null
+context with probability ``cond_dropout`` so one network learns both the conditional and the unconditional
+model. Sampling (:class:`GuidedSampler`): DDIM with classifier-free guidance,
+``out = uncond + guidance * (cond - uncond)``; the sampled latents are snapped to the nearest codes
+(``quantize``) and decoded by the VQ-GAN.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.engines import Trainer
+from monai.utils import CommonKeys as Keys
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctsynth.diffusion import diffusion_target
+from ctsynth.engine import (engine_amp, engine_autocast, load_network_weights, optimisation_step, read_checkpoint_meta,
+                            trainable_parameters, unwrap)
+from ctsynth.transforms import pad_to_multiple
+
+from .vqgan import VQGAN3D
+
+__all__ = ["load_vqgan", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
+           "decode_latents", "GenerationValidation"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
+    """The stage-1 VQ-GAN of ``path`` (``vqgan.pt``, which records its constructor arguments), frozen, in eval mode."""
+    meta = read_checkpoint_meta(path)
+    config = meta.get("network_config")
+    if not config:
+        raise ValueError(f"{path}: no network_config in its meta; it is not a VQ-GAN checkpoint written by "
+                         "bundles/xray2ctpa_vqgan/configs/train.json (train stage 1 first)")
+    net = VQGAN3D(**config)
+    load_network_weights(net, path)
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.intensity_range = meta.get("intensity_range", [-1000.0, 1000.0])
+    return net
+
+
+def training_grid(datalist: str | Path, vqgan: VQGAN3D, multiple: int = 1, split: str = "training",
+                  image_key: str = "image") -> dict[str, list]:
+    """The grid every generated volume is made on: ``volume_shape`` (the training volumes' common shape),
+    ``spacing_mm`` (their median voxel size) and ``latent_shape`` (the VQ-GAN latents of that shape, padded to the
+    denoiser's ``multiple``). Reads the NIfTI headers only.
+
+    Raises:
+        ValueError: the training volumes differ in shape (names two of them and the fix).
+    """
+    import nibabel as nib
+
+    from ctsynth.prepare import load_datalist
+
+    shapes, spacings = {}, []
+    for e in load_datalist(datalist, split):
+        img = nib.load(str(e[image_key]))
+        shapes.setdefault(tuple(int(s) for s in img.shape[:3]), str(e[image_key]))
+        spacings.append([float(v) for v in img.header.get_zooms()[:3]])
+    if not shapes:
+        raise ValueError(f"{datalist}: no {split!r} volumes")
+    if len(shapes) > 1:
+        (a, fa), (b, fb) = list(shapes.items())[:2]
+        raise ValueError(f"training volumes differ in shape ({fa}: {list(a)}, {fb}: {list(b)}); stage 2 generates one "
+                         "grid: prepare the data with `ctsynth prepare ctpa --shape X Y Z`")
+    shape = list(next(iter(shapes)))
+    f, m = vqgan.downsample, int(multiple)
+    latent = [-(-(-(-s // f)) // m) * m for s in shape]
+    spacing = torch.tensor(spacings).median(0).values.tolist()
+    return {"volume_shape": shape, "spacing_mm": spacing, "latent_shape": latent}
+
+
+@torch.no_grad()
+def encode_latents(vqgan: VQGAN3D, image: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """(B, 1, X, Y, Z) CTPA in [0, 1] -> quantised codes (B, D, x, y, z), padded (replicate) to ``multiple``."""
+    return pad_to_multiple(vqgan.encode(pad_to_multiple(image.float(), vqgan.downsample))[0].float(), multiple)
+
+
+@torch.no_grad()
+def latent_scale_factor(vqgan: VQGAN3D, dataset: Iterable[dict[str, Any]], image_key: str = "image",
+                        max_items: int = 32, device: str | torch.device | None = None) -> float:
+    """1 / standard deviation of the quantised codes of up to ``max_items`` items of ``dataset`` (unit-variance
+    latents for the diffusion model)."""
+    device = device or next(vqgan.parameters()).device
+    values = []
+    for i, item in enumerate(dataset):
+        if i >= max_items:
+            break
+        img = torch.as_tensor(item[image_key]).float()
+        values.append(encode_latents(vqgan, (img if img.ndim == 5 else img[None]).to(device)).flatten().cpu())
+    if not values:
+        raise ValueError("no training items to estimate the latent scale from; check the datalist's training split")
+    std = float(torch.cat(values).std())
+    if not std > 1e-8:
+        raise ValueError(f"the VQ-GAN's codes are constant (std {std:.3g}): the stage-1 model collapsed; retrain it")
+    scale = 1.0 / std
+    logger.info("latent scale factor %.4f (std of the codes over %d volumes)", scale, len(values))
+    return scale
+
+
+class XrayDiffusionIteration:
+    """One DDPM step on VQ-GAN latents with classifier-free-guidance dropout.
+
+    Args:
+        scheduler: MONAI ``DDPMScheduler`` (its ``prediction_type`` decides the target).
+        vqgan: the frozen stage-1 model (encodes the batch's CTPA).
+        scale_factor: latents are multiplied by it.
+        cond_dropout: probability of training an item on the null context.
+        grad_clip / amp / accumulate / max_nonfinite: see ``ctsynth.engine.optimisation_step``.
+        image_key / xray_key: batch keys of the (B, 1, X, Y, Z) CTPA in [0, 1] and the (B, 1, H, W) X-ray.
+    """
+
+    def __init__(self, scheduler: Any, vqgan: VQGAN3D, scale_factor: float = 1.0, cond_dropout: float = 0.1,
+                 grad_clip: float | None = 1.0, amp: bool = False, accumulate: int = 1, max_nonfinite: int = 3,
+                 image_key: str = "image", xray_key: str = "xray") -> None:
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout is a probability in [0, 1), got {cond_dropout}")
+        self.scheduler, self.vqgan, self.scale_factor, self.cond_dropout = scheduler, vqgan, float(scale_factor), cond_dropout
+        self.grad_clip, self.amp, self.accumulate, self.max_nonfinite = grad_clip, amp, int(accumulate), max_nonfinite
+        self.image_key, self.xray_key = image_key, xray_key
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        net = unwrap(engine.network)
+        z0 = encode_latents(self.vqgan, torch.as_tensor(batch[self.image_key]).to(device), net.multiple) * self.scale_factor
+        xray = torch.as_tensor(batch[self.xray_key]).to(device).float()
+        engine.network.train()
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device).long()
+        noisy = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+        drop = torch.rand(z0.shape[0], device=device) < self.cond_dropout
+        with engine_autocast(engine, self.amp):
+            out = engine.network(noisy, t, xray=xray, drop=drop).float()
+        loss = F.mse_loss(out, diffusion_target(self.scheduler, z0, noise, t))
+        terms = {"mse": float(loss.detach()), "unconditional_fraction": float(drop.float().mean())}
+        scaler = engine_amp(engine, self.amp)[2]
+        norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
+                                 scaler, self.max_nonfinite, terms, accumulate=self.accumulate)
+        return {Keys.LOSS: float(loss.detach()), "terms": terms, "grad_norm": norm}
+
+
+class GuidedSampler:
+    """DDIM sampling of latents from X-rays with classifier-free guidance.
+
+    Args:
+        network: :class:`scripts.conditioning.XrayConditionedDenoiser`.
+        scheduler: MONAI ``DDIMScheduler`` with the training schedule and prediction type.
+        num_inference_steps: DDIM steps.
+        guidance: classifier-free guidance scale (1: conditional model only; 0: unconditional).
+        eta: DDIM stochasticity.
+        progress: progress bar over the steps.
+    """
+
+    def __init__(self, network: nn.Module, scheduler: Any, num_inference_steps: int = 50, guidance: float = 3.0,
+                 eta: float = 0.0, progress: bool = True) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        self.network, self.scheduler = network, scheduler
+        self.num_inference_steps, self.guidance, self.eta, self.progress = int(num_inference_steps), float(guidance), eta, progress
+
+    @torch.no_grad()
+    def __call__(self, xray: torch.Tensor, latent_shape: Iterable[int], generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, H, W) X-rays -> (B, C, x, y, z) latents (scaled) of ``latent_shape`` (x, y, z)."""
+        net = unwrap(self.network)
+        net.eval()
+        shape = [int(s) for s in latent_shape]
+        if xray.ndim != 4:
+            raise ValueError(f"expected (B, 1, H, W) X-rays, got {tuple(xray.shape)}")
+        if any(s % net.multiple for s in shape):
+            raise ValueError(f"latent shape {shape} must be divisible by {net.multiple}")
+        b, device = xray.shape[0], xray.device
+        if noise is None:
+            noise = torch.randn((b, net.latent_channels, *shape), generator=generator,
+                                device="cpu" if generator is None else generator.device)
+        x = noise.to(device)
+        cond = net.context(xray.float())
+        guided = self.guidance != 1.0
+        context = torch.cat([cond, net.context(None, b)]) if guided else cond
+        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
+        for t in tqdm(self.scheduler.timesteps, desc="DDIM", unit="step", disable=not self.progress, leave=False):
+            inp = torch.cat([x, x]) if guided else x
+            out = net(inp, torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long), context=context)
+            if guided:
+                c, u = out.chunk(2)
+                out = u + self.guidance * (c - u)
+            x, _ = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
+        return x
+
+
+@torch.no_grad()
+def decode_latents(vqgan: VQGAN3D, latents: torch.Tensor, scale_factor: float, size: Iterable[int] | None = None,
+                   quantize: bool = True) -> torch.Tensor:
+    """Scaled latents (B, D, x, y, z) -> CTPA (B, 1, X, Y, Z) in [0, 1], cropped to ``size``; ``quantize``
+    snaps each latent vector to its nearest code first (the decoder was trained on codes only)."""
+    z = latents.float() / scale_factor
+    if quantize:
+        z = vqgan.quantizer.embed(vqgan.quantizer.quantize(z)[2])
+    out = vqgan.decode(z).float().clamp(0, 1)
+    if size is not None:
+        s = [int(v) for v in size]
+        out = out[..., :s[0], :s[1], :s[2]]
+    return out
+
+
+class GenerationValidation:
+    """Evaluator iteration: CTPA generated from each validation X-ray (fixed noise, few DDIM steps), returned
+    with the real CTPA, both (B, 1, X, Y, Z) in [0, 1], for the evaluator's PSNR / SSIM.
+
+    Args:
+        scheduler: MONAI ``DDIMScheduler`` matching the training schedule.
+        vqgan: the frozen stage-1 model.
+        scale_factor: the training latent scale factor.
+        num_inference_steps / guidance: sampling settings.
+        seed: fixed noise so epochs compare.
+    """
+
+    def __init__(self, scheduler: Any, vqgan: VQGAN3D, scale_factor: float = 1.0, num_inference_steps: int = 10,
+                 guidance: float = 3.0, seed: int = 0, image_key: str = "image", xray_key: str = "xray") -> None:
+        self.scheduler, self.vqgan, self.scale_factor = scheduler, vqgan, float(scale_factor)
+        self.num_inference_steps, self.guidance, self.seed = num_inference_steps, guidance, seed
+        self.image_key, self.xray_key = image_key, xray_key
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(engine, Trainer):
+            raise TypeError("GenerationValidation is for evaluators")
+        device = engine.state.device
+        real = torch.as_tensor(batch[self.image_key]).to(device).float()
+        net = unwrap(engine.network)
+        shape = encode_latents(self.vqgan, real[:1], net.multiple).shape[-3:]
+        g = torch.Generator(device=device).manual_seed(self.seed)
+        sampler = GuidedSampler(engine.network, self.scheduler, self.num_inference_steps, self.guidance, progress=False)
+        z = sampler(torch.as_tensor(batch[self.xray_key]).to(device).float(), shape, generator=g)
+        return {Keys.PRED: decode_latents(self.vqgan, z, self.scale_factor, real.shape[-3:]), Keys.LABEL: real}

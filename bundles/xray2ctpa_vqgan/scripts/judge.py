@@ -1,0 +1,159 @@
+"""Stage 3: judging generated CTPA (``evaluate_generation.json``), the X-ray2CTPA paper's protocol.
+
+A 3D PE classifier (a MONAI network, trained on real CTPA by ``train_classifier.json``) scores the real test
+volumes and the volumes generated from their X-rays: if generation keeps the findings, the AUC on generated
+volumes approaches the AUC on real ones. Alongside: PSNR / SSIM / MAE of each generated volume against its
+paired real CTPA (3D, [-1000, 1000] HU, data range 2000) next to the same metrics of the training set's mean
+volume (the floor any X-ray-conditioned model must beat), tri-planar previews of the first cases, and the
+generated volumes themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctsynth.engine import load_network_weights
+from ctsynth.io import load_volume, save_nifti
+from ctsynth.metrics import compute_image_metrics
+from ctsynth.prepare import load_datalist, resample_to_shape
+from ctsynth.transforms import scale_hu
+
+from .generate import CTPAGenerator
+
+__all__ = ["roc_auc", "PEScorer", "GenerationJudge"]
+
+logger = logging.getLogger(__name__)
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Area under the ROC curve (MONAI's ``compute_roc_auc``); None when ``labels`` hold one class only (the
+    AUC is undefined)."""
+    from monai.metrics import compute_roc_auc
+
+    if len(set(int(v) for v in labels)) < 2:
+        return None
+    return float(compute_roc_auc(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels, dtype=torch.long)))
+
+
+class PEScorer:
+    """The trained PE classifier: CTPA in HU -> probability of PE.
+
+    Args:
+        network: the classifier (one logit out), weights loaded from ``checkpoint``.
+        checkpoint: ``models/classifier.pt``.
+        intensity_range: HU window of its [0, 1] input; None: the one its checkpoint records (else [-1000, 1000]).
+        device: where to run.
+    """
+
+    def __init__(self, network: nn.Module, checkpoint: str | Path, intensity_range: Sequence[float] | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        from ctsynth.engine import read_checkpoint_meta
+
+        if intensity_range is None:
+            intensity_range = read_checkpoint_meta(checkpoint).get("intensity_range", (-1000.0, 1000.0))
+        load_network_weights(network, checkpoint)
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.window = tuple(float(w) for w in intensity_range)
+
+    @torch.no_grad()
+    def __call__(self, volume_hu: torch.Tensor) -> float:
+        """(1, X, Y, Z) HU -> P(PE)."""
+        x = scale_hu(torch.as_tensor(volume_hu).float(), self.window)
+        if x.ndim != 4:
+            raise ValueError(f"expected a (1, X, Y, Z) volume, got {tuple(x.shape)}")
+        return float(torch.sigmoid(self.network(x[None].to(self.device)).float().flatten()[0]))
+
+
+class GenerationJudge:
+    """Generates a CTPA from each X-ray of a split and judges it against the real one (``run()``).
+
+    Args:
+        generator: the stage-2 model (:class:`scripts.generate.CTPAGenerator`).
+        scorer: the PE classifier (:class:`PEScorer`); None: image metrics only.
+        datalist / split / output_dir: the cases and where ``metrics.json``, ``metrics.md``, ``generated/`` and
+            ``previews/`` go.
+        samples / seed: samples per X-ray (their mean is judged) and the noise seed.
+        previews: tri-planar PNGs (real, generated, |error|) of the first this many cases.
+        baseline_split: split whose mean volume is the baseline (None: no baseline).
+    """
+
+    def __init__(self, generator: CTPAGenerator, scorer: PEScorer | None, datalist: str | Path, output_dir: str | Path,
+                 split: str = "test", samples: int = 1, seed: int = 0, previews: int = 3,
+                 baseline_split: str | None = "training") -> None:
+        self.generator, self.scorer, self.baseline_split = generator, scorer, baseline_split
+        self.datalist, self.split, self.out = Path(datalist), split, Path(output_dir)
+        self.samples, self.seed, self.previews = int(samples), int(seed), int(previews)
+
+    def mean_volume(self) -> torch.Tensor | None:
+        """Voxel-wise mean (1, X, Y, Z) HU of the baseline split's volumes (None when they differ in shape)."""
+        total, n = None, 0
+        for e in load_datalist(self.datalist, self.baseline_split):
+            v = load_volume(e["image"]).as_tensor().double()
+            if total is not None and v.shape != total.shape:
+                logger.warning("%s volumes differ in shape: no mean-volume baseline", self.baseline_split)
+                return None
+            total, n = (v if total is None else total + v), n + 1
+        return (total / n).float() if n else None
+
+    def run(self) -> dict[str, Any]:
+        from ctsynth.plots import save_triplanar_png
+
+        entries = load_datalist(self.datalist, self.split)
+        if not entries:
+            raise ValueError(f"{self.datalist}: the {self.split!r} split is empty")
+        mean_vol = self.mean_volume() if self.baseline_split else None
+        cases = []
+        for i, e in enumerate(tqdm(entries, desc=f"generate {self.split}", unit="case")):
+            real = load_volume(e["image"])
+            gen, _ = self.generator.generate_file(e["xray"], self.samples, self.seed + i)
+            if tuple(gen.shape[1:]) != tuple(real.shape[1:]):
+                gen = resample_to_shape(gen, real.shape[1:])
+            gen = MetaTensor(gen.as_tensor(), affine=real.affine)  # the real volume's frame, for viewing side by side
+            row: dict[str, Any] = {"id": e.get("id"), "label": e.get("label"),
+                                   "written": str(save_nifti(gen, self.out / "generated" / f"{e.get('id', i)}.nii.gz")),
+                                   **compute_image_metrics(gen, real, window=(-1000, 1000))}
+            if mean_vol is not None and tuple(mean_vol.shape) == tuple(real.shape):
+                row["mean_volume"] = compute_image_metrics(mean_vol, real.as_tensor(), window=(-1000, 1000))
+            if self.scorer is not None:
+                row.update(p_pe_real=self.scorer(real), p_pe_generated=self.scorer(gen))
+            if i < self.previews:
+                save_triplanar_png({"real": real, "generated": gen}, self.out / "previews" / f"{e.get('id', i)}.png",
+                                   title=str(e.get("id", i)), error_of=("generated", "real"))
+            cases.append(row)
+        summary: dict[str, Any] = {k: sum(c[k] for c in cases) / len(cases) for k in ("psnr", "ssim", "mae")}
+        base = [c["mean_volume"] for c in cases if "mean_volume" in c]
+        if base:
+            summary.update({f"mean_volume_{k}": sum(b[k] for b in base) / len(base) for k in ("psnr", "ssim", "mae")})
+            summary["minus_mean_volume_psnr_db"] = summary["psnr"] - summary["mean_volume_psnr"]
+        summary.update(cases=len(cases), window_hu=[-1000.0, 1000.0], data_range_hu=2000.0, mode="3d",
+                       steps=self.generator.sampler.num_inference_steps, guidance=self.generator.sampler.guidance,
+                       samples=self.samples)
+        labelled = [c for c in cases if c.get("label") is not None and "p_pe_real" in c]
+        if self.scorer is not None:
+            labels = [int(c["label"]) for c in labelled]
+            summary.update(labelled_cases=len(labelled), positives=sum(labels),
+                           auc_real=roc_auc([c["p_pe_real"] for c in labelled], labels),
+                           auc_generated=roc_auc([c["p_pe_generated"] for c in labelled], labels))
+            if summary["auc_real"] is None:
+                summary["auc_note"] = (f"AUC undefined: the {self.split!r} split's labelled cases hold one class only "
+                                       f"({len(labelled)} cases, {sum(labels)} with PE)")
+        report = {"split": self.split, "summary": summary, "cases": cases}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.json").write_text(json.dumps(report, indent=2))
+        lines = ["| measure | value |", "|---|---|"] + [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+        (self.out / "metrics.md").write_text("\n".join(lines) + "\n")
+        logger.info("X-ray -> CTPA on %s: PSNR %.2f dB (training mean volume %s dB), SSIM %.3f ([-1000, 1000] HU, 3D); "
+                    "AUC real %s, generated %s", self.split, summary["psnr"], summary.get("mean_volume_psnr"),
+                    summary["ssim"], summary.get("auc_real"), summary.get("auc_generated"))
+        return report

@@ -1,0 +1,268 @@
+"""xray2ctpa_vqgan stages 2-3: X-ray encoder and conditioned denoiser, classifier-free guidance, LoRA, the
+latent grid, AUC, and the whole chain on tiny phantoms (VQ-GAN -> diffusion through `monai.bundle run` ->
+PE classifier -> judged generation -> `ctsynth generate` -> LoRA fine-tuning)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler
+from PIL import Image
+
+from conftest import monai_bundle_run
+
+from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
+from ctsynth.cli import main as cli_main
+from ctsynth.engine import read_checkpoint_meta
+from ctsynth.io import load_projection, load_volume
+from ctsynth.prepare import load_datalist, prepare_ctpa, write_phantom_ctpa_studies
+from ctsynth.transforms import normalize_radiograph
+
+_cond = bundle_module("xray2ctpa_vqgan", "conditioning")
+_lora = bundle_module("xray2ctpa_vqgan", "lora")
+_diff = bundle_module("xray2ctpa_vqgan", "diffusion")
+_judge = bundle_module("xray2ctpa_vqgan", "judge")
+VQGAN3D = bundle_module("xray2ctpa_vqgan", "vqgan").VQGAN3D
+
+UNET = {"channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+        "norm_num_groups": 8}
+VQ_TINY = {"network_def#channels": [8, 16, 16], "network_def#num_res_blocks": 1, "network_def#num_embeddings": 32,
+           "network_def#embedding_dim": 8, "network_def#norm_groups": 4, "network_def#restart_threshold": 1.0,
+           "discriminator#channels": 4, "discriminator#num_layers_d": 2, "vgg_random_init": True,
+           "adversarial_start": 10 ** 6, "epochs": 2, "batch_size": 2, "val_roi_size": [16, 16, 16]}
+DENOISER_TINY = {"network_def#xray_channels": [8, 16], "network_def#token_dim": 16, "network_def#token_grid": 4,
+                 **{f"network_def#{k}": v for k, v in UNET.items()}}
+CLASSIFIER_TINY = {"classifier_def#block_inplanes": [4, 8, 8, 8]}
+
+
+def _denoiser(seed=0, **kw):
+    """A tiny denoiser whose zero-initialised parts (MONAI's output convolution, the null context) are random, so
+    outputs depend on every input."""
+    torch.manual_seed(seed)
+    net = _cond.XrayConditionedDenoiser(8, xray_channels=[8, 16], token_dim=16, token_grid=4, **UNET, **kw).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return net
+
+
+def test_xray_encoder_tokens_any_detector_size():
+    enc = _cond.XrayEncoder(1, [8, 16], token_dim=16, token_grid=4)
+    for hw in [(32, 32), (48, 40)]:
+        assert enc(torch.rand(2, 1, *hw)).shape == (2, 16, 16)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        enc(torch.rand(2, 3, 32, 32))
+
+
+def test_dropped_items_see_the_null_context():
+    net = _denoiser()
+    x, t, xray = torch.randn(2, 8, 4, 4, 4), torch.tensor([10, 10]), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        dropped = net(x, t, xray=xray, drop=torch.tensor([True, False]))
+        uncond = net(x, t, context=net.context(None, 2))
+        cond = net(x, t, xray=xray)
+    assert torch.allclose(dropped[0], uncond[0], atol=1e-5) and torch.allclose(dropped[1], cond[1], atol=1e-5)
+    assert not torch.allclose(cond[0], uncond[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"attention_levels": [False, False]}, "no True level"),
+    ({"in_channels": 3}, "fixed by this denoiser"),
+])
+def test_denoiser_rejects_settings_that_cannot_work(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _cond.XrayConditionedDenoiser(8, xray_channels=[8], token_dim=16, token_grid=4, **{**UNET, **bad})
+
+
+def test_latents_must_fit_the_denoiser():
+    with pytest.raises(ValueError, match="divisible by 2"):
+        _denoiser()(torch.randn(1, 8, 4, 4, 3), torch.tensor([1]), xray=torch.rand(1, 1, 32, 32))
+
+
+def _sampler(net, guidance):
+    sched = DDIMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    return _diff.GuidedSampler(net, sched, num_inference_steps=4, guidance=guidance, progress=False)
+
+
+def test_guidance_zero_ignores_the_xray_and_one_is_the_conditional_model():
+    net = _denoiser()
+    a, b = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    noise = torch.randn(1, 8, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    un_a, un_b = (_sampler(net, 0.0)(x, (4, 4, 4), noise=noise) for x in (a, b))
+    assert torch.allclose(un_a, un_b, atol=1e-5)
+    cond_a, cond_b = (_sampler(net, 1.0)(x, (4, 4, 4), noise=noise) for x in (a, b))
+    assert not torch.allclose(cond_a, cond_b, atol=1e-4)
+    guided = _sampler(net, 3.0)(a, (4, 4, 4), noise=noise)
+    assert guided.shape == (1, 8, 4, 4, 4) and not torch.allclose(guided, cond_a, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        _sampler(net, -1.0)
+
+
+def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly():
+    net = _denoiser()
+    x, t, xray = torch.randn(1, 8, 4, 4, 4), torch.tensor([50]), torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        base = net(x, t, xray=xray)
+    names = _lora.add_lora(net, rank=2)
+    assert names and all(n.rpartition(".")[2] in _lora.LORA_TARGETS for n in names)
+    with torch.no_grad():
+        assert torch.allclose(net(x, t, xray=xray), base, atol=1e-6)  # B = 0 at start
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, _lora.LoRALinear):
+                m.lora_b.normal_(std=0.05)
+        adapted = net(x, t, xray=xray)
+        assert not torch.allclose(adapted, base, atol=1e-4)
+        _lora.merge_lora(net)
+        assert not any(isinstance(m, _lora.LoRALinear) for m in net.modules())
+        assert torch.allclose(net(x, t, xray=xray), adapted, atol=1e-5)
+    with pytest.raises(ValueError, match="no linear layer named"):
+        _lora.add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=("to_q",))
+
+
+def test_denoiser_rebuilt_from_a_lora_config_has_the_same_keys():
+    net = _lora.lora_network(_denoiser(), rank=2)
+    assert net.config["lora"]["rank"] == 2
+    rebuilt = _cond.XrayConditionedDenoiser(**net.config)
+    assert rebuilt.state_dict().keys() == net.state_dict().keys()
+
+
+def test_decoding_snaps_latents_to_codes():
+    torch.manual_seed(0)
+    vq = VQGAN3D(1, [4, 8], 1, num_embeddings=16, embedding_dim=4, norm_groups=2).eval()
+    idx = torch.randint(0, 16, (1, 4, 4, 4))
+    codes = vq.quantizer.embed(idx)
+    noisy = (codes + 1e-3 * torch.randn_like(codes)) * 2.0
+    out = _diff.decode_latents(vq, noisy, scale_factor=2.0, size=(8, 8, 7))
+    assert out.shape == (1, 1, 8, 8, 7) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert torch.allclose(out, vq.decode(codes).clamp(0, 1)[..., :7], atol=1e-6)
+
+
+@pytest.mark.parametrize("scores, labels, expected", [
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),
+    ([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1], 0.0),
+    ([0.2, 0.3], [1, 1], None),
+])
+def test_roc_auc_on_constructed_cases(scores, labels, expected):
+    assert _judge.roc_auc(scores, labels) == (pytest.approx(expected) if expected is not None else None)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ctpa2")
+    src = write_phantom_ctpa_studies(root / "src", n=8, shape=(32, 32, 24), spacing_mm=8.0)
+    prepare_ctpa(src / "studies", root / "data", shape=(32, 32, 24), labels=src / "labels.csv", xray_size=32,
+                 fractions=(0.5, 0.25, 0.25))
+    common = {"dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
+              "output_dir": str(root / "eval"), "num_workers": 0}
+    run_bundle("xray2ctpa_vqgan", ["train.json"], "training", {**common, **VQ_TINY})
+    over = {**common, **DENOISER_TINY, "xray_size": 32, "epochs": 1, "val_steps": 2}
+    monai_bundle_run("xray2ctpa_vqgan", "training", ["train_diffusion.json"], over)
+    run_bundle("xray2ctpa_vqgan", ["train_classifier.json"], "training", {**common, **CLASSIFIER_TINY, "epochs": 1,
+                                                                          "batch_size": 2})
+    return root, common
+
+
+def test_diffusion_checkpoint_records_what_generation_needs(stage2):
+    root, _ = stage2
+    meta = read_checkpoint_meta(root / "models" / "ldm.pt")
+    assert meta["volume_shape"] == [32, 32, 24] and meta["latent_shape"] == [8, 8, 6]
+    assert meta["spacing_mm"] == pytest.approx([8.0, 8.0, 8.0]) and meta["xray_size"] == 32
+    assert meta["scale_factor"] > 0 and meta["network_config"]["latent_channels"] == 8
+    hist = json.loads((root / "eval" / "ldm" / "history.json").read_text())["epochs"]
+    assert "val_psnr" in hist[0] and "loss_mse" in hist[0]
+    assert read_checkpoint_meta(root / "models" / "classifier.pt")["key_metric"] == "val_auc"
+
+
+def test_judged_generation_reports_auc_and_image_metrics(stage2):
+    root, common = stage2
+    ckpt = str(root / "models" / "ldm.pt")
+    report = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
+        **common, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), **CLASSIFIER_TINY, "eval_steps": 2,
+        "eval_previews": 1})[0]
+    s = report["summary"]
+    assert s["cases"] == len(load_datalist(root / "data" / "datalist.json", "test")) and s["window_hu"] == [-1000.0, 1000.0]
+    assert np.isfinite(s["psnr"]) and -1 <= s["ssim"] <= 1 and "auc_real" in s and "auc_generated" in s
+    assert s["minus_mean_volume_psnr_db"] == pytest.approx(s["psnr"] - s["mean_volume_psnr"])
+    assert all(0 <= c["p_pe_real"] <= 1 and 0 <= c["p_pe_generated"] <= 1 for c in report["cases"])
+    gen = load_volume(report["cases"][0]["written"])
+    assert tuple(gen.shape) == (1, 32, 32, 24)
+    assert (root / "eval" / "generation" / "metrics.md").is_file()
+    assert len(list((root / "eval" / "generation" / "previews").glob("*.png"))) == 1
+
+
+def test_ctsynth_generate_from_a_png(stage2, tmp_path):
+    root, _ = stage2
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    img, _ = load_projection(case["xray"])
+    png = tmp_path / "cxr.png"
+    Image.fromarray((normalize_radiograph(img).clamp(0, 1) * 65535).numpy().astype(np.uint16)).save(png)
+    out = tmp_path / "ctpa.nii.gz"
+    cli_main(["generate", str(png), "--out", str(out), "--models-dir", str(root / "models"), "--steps", "2",
+              "--guidance", "2", "--samples", "2", "--preview", str(tmp_path / "ctpa.png")])
+    vol = load_volume(out)
+    assert tuple(vol.shape) == (1, 32, 32, 24) and float(vol.min()) >= -1000.5 and float(vol.max()) <= 1000.5
+    assert torch.allclose(torch.as_tensor(vol.affine).diagonal()[:3].abs().double(), torch.full((3,), 8.0, dtype=torch.float64))
+    report = json.loads((tmp_path / "ctpa.json").read_text())
+    assert report["steps"] == 2 and report["guidance"] == 2.0 and report["samples"] == 2 and report["mean_std_hu"] >= 0
+    assert load_volume(tmp_path / "ctpa_std.nii.gz").shape == vol.shape and (tmp_path / "ctpa.png").stat().st_size > 1000
+
+
+def test_generate_names_a_missing_checkpoint(tmp_path):
+    png = tmp_path / "cxr.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    with pytest.raises(FileNotFoundError, match="ldm.pt"):
+        cli_main(["generate", str(png), "--out", str(tmp_path / "o.nii.gz"), "--models-dir", str(tmp_path)])
+
+
+def test_lora_fine_tuning_trains_adapters_and_generates(stage2, tmp_path):
+    root, common = stage2
+    ckpt = str(root / "models" / "ldm.pt")
+    over = {**common, **{k: v for k, v in network_overrides(ckpt).items()}, "xray_size": 32, "epochs": 1,
+            "val_steps": 2, "lora_rank": 2}
+    run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "lora.json"], "training", over)
+    tuned = root / "models" / "ldm_lora.pt"
+    meta = read_checkpoint_meta(tuned)
+    assert meta["network_config"]["lora"]["rank"] == 2
+    assert meta["scale_factor"] == pytest.approx(read_checkpoint_meta(ckpt)["scale_factor"])
+    weights = torch.load(tuned, weights_only=True)["network"]
+    assert any(k.endswith("lora_b") for k in weights)
+    base = torch.load(ckpt, weights_only=True)["network"]
+    frozen = [k for k in base if k.endswith("to_q.weight")][0].replace("to_q.weight", "to_q.base.weight")
+    assert torch.equal(weights[frozen], base[frozen.replace(".base", "")])  # the base stayed frozen
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    rep = run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", {
+        "models_dir": str(root / "models"), "checkpoint": str(tuned), "input": case["xray"],
+        "output": str(tmp_path / "lora.nii.gz"), "steps": 2, **network_overrides(str(tuned), DIFFUSION_SCHEDULE_KEYS)})[0]
+    assert load_volume(rep["written"]).shape == (1, 32, 32, 24)
+
+
+def test_diffusion_trains_under_torchrun(stage2):
+    root, common = stage2
+    over = {**common, **DENOISER_TINY, "xray_size": 32, "epochs": 1, "val_steps": 2, "batch_size": 1,
+            "models_dir": str(root / "models_ddp"), "output_dir": str(root / "eval_ddp"),
+            "vqgan_path": str(root / "models" / "vqgan.pt")}
+    monai_bundle_run("xray2ctpa_vqgan", "training", ["train_diffusion.json", "multi_gpu_train.json"], over, torchrun=True)
+    last = torch.load(root / "models_ddp" / "ldm" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["epoch"] == 1 and not any(k.startswith("module.") for k in last["network"])
+    assert read_checkpoint_meta(root / "models_ddp" / "ldm.pt")["latent_shape"] == [8, 8, 6]
+
+
+def test_demo_runs_every_stage_and_reports_the_checks(tmp_path):
+    from ctsynth.demo import DEMOS
+
+    tiny = {"vqgan": (1, 2, 2, 1e-3), "diffusion": (1, 2, 2, 1e-3), "classifier": (1, 0, 2, 1e-3), "steps": 2}
+    summary = DEMOS["xray2ctpa_vqgan"](tmp_path, n_cases=8, shape=(32, 32, 24), spacing=8.0, large_shape=(40, 40, 32),
+                                       schedule=tiny)
+    saved = json.loads((tmp_path / "xray2ctpa_vqgan" / "metrics.json").read_text())
+    assert saved["checks"] == summary["checks"] and set(saved["timings"]) >= {"train_vqgan_s", "total_s"}
+    c = summary["checks"]
+    assert isinstance(c["vqgan_psnr_ge_28db"], bool) and 0 < c["codebook_usage_pct"] <= 100
+    assert np.isfinite(c["patchwise_minus_whole_db_large"]) and summary["large_phantom"]["shape"] == [40, 40, 32]
+    assert load_volume(summary["inference"]["written"]).shape == (1, 32, 32, 24)
+    assert (tmp_path / "xray2ctpa_vqgan" / "eval" / "large_phantom.png").is_file()
