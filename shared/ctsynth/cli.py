@@ -259,6 +259,31 @@ class CLI:
                                                           series_description=f"ctsynth {method} {spacing:g} mm"))
         _emit(report)
 
+    def generate(self, xray: str, out: str, steps: int = 50, guidance: float = 3.0, samples: int = 1, seed: int = 0,
+                 models_dir: str | None = None, checkpoint: str | None = None, vqgan: str | None = None,
+                 dicom_out: str | None = None, preview: str | None = None, device: str | None = None) -> None:
+        """Chest X-ray (PNG/JPEG/TIFF, DICOM or NIfTI) -> CT pulmonary angiography NIfTI (xray2ctpa_vqgan).
+
+        Samples ``--samples`` volumes with ``--steps`` guided DDIM steps (classifier-free guidance ``--guidance``;
+        1 = conditional model only) and writes their mean as OUT (with OUT_std.nii.gz when K > 1), a JSON report
+        beside it, a tri-planar ``--preview`` PNG and a ``--dicom-out`` series on request. Weights: ``--checkpoint``
+        (stage 2, default MODELS/ldm.pt) and ``--vqgan`` (stage 1, default MODELS/vqgan.pt), MODELS being
+        ``--models-dir`` or the bundle's models/.
+        """
+        from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_root, network_overrides, run_bundle
+        from ctsynth.engine import read_checkpoint_meta
+
+        models = Path(models_dir) if models_dir else Path(bundle_root("xray2ctpa_vqgan")) / "models"
+        ckpt = checkpoint or str(models / "ldm.pt")
+        meta = read_checkpoint_meta(ckpt)
+        overrides = {"input": xray, "output": out, "steps": int(steps), "guidance": float(guidance),
+                     "samples": int(samples), "seed": int(seed), "dicom_out": dicom_out, "preview": preview,
+                     "checkpoint": ckpt, "vqgan_path": vqgan or str(models / "vqgan.pt"),
+                     **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
+        if device:
+            overrides["device"] = f"$torch.device({device!r})"
+        _emit(run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", overrides)[0])
+
     def phantom(self, out_dir: str, n: int = 1, shape: Any = (128, 128, 128), spacing: Any = 3.0,
                 contrast: bool = False, emboli: float = 0.0, format: str = "nifti", seed: int = 0,
                 noise: float = 0.0) -> None:
