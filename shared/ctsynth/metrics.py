@@ -8,13 +8,16 @@ body ``mask`` restricted it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 
-__all__ = ["METRIC_MODES", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics"]
+__all__ = ["METRIC_MODES", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
+           "write_metrics_report"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -193,3 +196,15 @@ def compute_image_metrics(
         "units": {"psnr": "dB", "mae": "HU", "window": "HU"},
     }
     return result
+
+
+def write_metrics_report(out_dir: str | Path, report: Mapping[str, Any]) -> Path:
+    """Writes ``report`` as ``OUT/metrics.json`` and its ``summary`` as a two-column ``OUT/metrics.md`` table
+    (floats to 4 significant digits); returns the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    lines = ["| measure | value |", "|---|---|"] + [
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.get("summary", {}).items()]
+    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    return out / "metrics.json"

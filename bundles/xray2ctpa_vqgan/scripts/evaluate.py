@@ -10,7 +10,6 @@ everywhere else; 1 = no visible seams).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ctsynth.engine import load_network_weights
 from ctsynth.io import load_volume, save_nifti
-from ctsynth.metrics import compute_image_metrics
+from ctsynth.metrics import compute_image_metrics, write_metrics_report
 from ctsynth.prepare import load_datalist
 from ctsynth.transforms import pad_to_multiple, scale_hu, unscale_hu
 from ctsynth.vq import code_counts, perplexity_of_counts, usage_of_counts
@@ -134,11 +133,7 @@ class VQGANEvaluation(VQGANReconstructor):
             "roi_size": [int(r) for r in self.roi_size], "overlap": self.overlap, "blend": self.mode,
         }
         report = {"split": self.split, "summary": summary, "cases": cases}
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.json").write_text(json.dumps(report, indent=2))
-        lines = ["| measure | value |", "|---|---|"] + [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-        (self.out / "metrics.md").write_text("\n".join(lines) + "\n")
+        write_metrics_report(self.out, report)
         logger.info("VQ-GAN %s: PSNR %.2f dB patch-wise ([-1000, 1000] HU, 3D), usage %.1f %%, perplexity %.1f",
                     self.split, summary["psnr_patchwise"], summary["codebook_usage_pct"], summary["perplexity"])
         return report

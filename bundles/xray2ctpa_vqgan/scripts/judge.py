@@ -10,7 +10,6 @@ generated volumes themselves.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ctsynth.engine import load_network_weights
 from ctsynth.io import load_volume, save_nifti
-from ctsynth.metrics import compute_image_metrics
+from ctsynth.metrics import compute_image_metrics, write_metrics_report
 from ctsynth.prepare import load_datalist, resample_to_shape
 from ctsynth.transforms import scale_hu
 
@@ -148,11 +147,7 @@ class GenerationJudge:
                 summary["auc_note"] = (f"AUC undefined: the {self.split!r} split's labelled cases hold one class only "
                                        f"({len(labelled)} cases, {sum(labels)} with PE)")
         report = {"split": self.split, "summary": summary, "cases": cases}
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.json").write_text(json.dumps(report, indent=2))
-        lines = ["| measure | value |", "|---|---|"] + [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-        (self.out / "metrics.md").write_text("\n".join(lines) + "\n")
+        write_metrics_report(self.out, report)
         logger.info("X-ray -> CTPA on %s: PSNR %.2f dB (training mean volume %s dB), SSIM %.3f ([-1000, 1000] HU, 3D); "
                     "AUC real %s, generated %s", self.split, summary["psnr"], summary.get("mean_volume_psnr"),
                     summary["ssim"], summary.get("auc_real"), summary.get("auc_generated"))
