@@ -54,9 +54,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            from ctsynth.io import OutputWriteError, output_write_error
+
+            if not isinstance(e, OutputWriteError):
+                raise output_write_error(path, e) from None
         raise
     return path
 

@@ -30,6 +30,8 @@ __all__ = [
     "CT_IMAGE_STORAGE",
     "DicomSeriesInfo",
     "VolumeReadError",
+    "OutputWriteError",
+    "output_write_error",
     "safe_extract_zip",
     "find_dicom_series",
     "read_dicom_series",
@@ -53,6 +55,18 @@ _DEFAULT_ZIP_RATIO = 1000.0
 
 class VolumeReadError(ValueError):
     """A volume could not be read; the message names the file and the fix."""
+
+
+class OutputWriteError(OSError):
+    """An output could not be written (disk full, no permission, ...); nothing partial was left behind."""
+
+
+def output_write_error(path: str | Path, error: OSError) -> OutputWriteError:
+    """The error to raise when writing ``path`` failed with ``error``: names the file, says that nothing was
+    left half-written (an existing file is unchanged) and what to do."""
+    reason = error.strerror or str(error)
+    return OutputWriteError(error.errno, f"{path}: could not be written ({reason}); nothing partial was left and any "
+                                         "previous file there is unchanged. Free disk space or write elsewhere (--out)")
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -100,7 +114,8 @@ def safe_extract_zip(
             if info.compress_size > 0 and info.file_size / info.compress_size > max_ratio and info.file_size > 2**20:
                 raise VolumeReadError(
                     f"{archive}: entry {name!r} expands {info.file_size / info.compress_size:.0f}x "
-                    f"(limit {max_ratio:.0f}x); this looks like a zip bomb"
+                    f"(limit {max_ratio:.0f}x); this looks like a zip bomb. If you trust the file, extract it yourself "
+                    "and pass the folder"
                 )
         if total > max_total_bytes:
             raise VolumeReadError(
@@ -109,7 +124,8 @@ def safe_extract_zip(
             )
         files = [i for i in infos if not i.is_dir()]
         if not files:
-            raise VolumeReadError(f"{archive}: the zip archive is empty; expected DICOM files of one or more series")
+            raise VolumeReadError(f"{archive}: the zip archive is empty; expected DICOM files of one or more series: "
+                                  "re-export the study, or pass the DICOM folder instead")
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         out: list[Path] = []
@@ -431,8 +447,10 @@ def save_nifti(volume: torch.Tensor | np.ndarray, path: str | Path, affine: Any 
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+            raise output_write_error(path, e) from None
         raise
     return path
 
@@ -542,8 +560,10 @@ def save_dicom_series(
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp_dir, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+            raise output_write_error(out_dir, e) from None
         raise
     return files
 

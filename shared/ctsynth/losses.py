@@ -195,12 +195,14 @@ class VGG19Features(nn.Module):
         if missing or unexpected:
             raise ValueError(
                 f"{path}: not a torchvision vgg19 state dict; missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-                f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+                f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}; write one with "
+                "torch.save(torchvision.models.vgg19(weights='IMAGENET1K_V1').state_dict(), PATH)"
             )
         own = self.state_dict()
         wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
         if wrong:
-            raise ValueError(f"{path}: VGG19 tensor shapes do not match: {wrong[:4]}")
+            raise ValueError(f"{path}: VGG19 tensor shapes do not match: {wrong[:4]}; use the torchvision vgg19 (ImageNet) "
+                             "state dict, or vgg_random_init true")
         self.load_state_dict({k: sd[k] for k in own}, strict=True)
         logger.info("VGG19 weights: loaded %d/%d tensors from %s", len(own), len(own), path)
         return len(own), len(own)

@@ -104,7 +104,8 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
         raise ValueError(
             f"{path}: not a MAISI autoencoder state dict with the released layout: {len(missing)} missing keys "
             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; use the released autoencoder_epoch273.pt or a file "
+            "written by slice_interp_ldm's train_autoencoder.json (pass its constructor arguments if they differ)"
         )
     bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:

@@ -303,7 +303,8 @@ def align_thick_thin(thick: MetaTensor, thin: MetaTensor, tolerance_mm: float = 
     keep_t = torch.nonzero((pos_t >= lo - eps) & (pos_t <= hi + eps)).flatten()
     if len(keep_t) < 2:
         raise ValueError(f"thick slices {float(pos_t.min()):.1f}..{float(pos_t.max()):.1f} mm and thin slices "
-                         f"{float(pos_n.min()):.1f}..{float(pos_n.max()):.1f} mm overlap by fewer than 2 thick slices")
+                         f"{float(pos_n.min()):.1f}..{float(pos_n.max()):.1f} mm overlap by fewer than 2 thick slices; pick a "
+                         "thick and a thin series of the same study that cover a common range")
     t0, t1 = int(keep_t.min()), int(keep_t.max())
     zlo, zhi = float(pos_t[t0]), float(pos_t[t1])
     keep_n = torch.nonzero((pos_n >= zlo - eps) & (pos_n <= zhi + eps)).flatten()

@@ -83,6 +83,12 @@ def slice_positions(volume: MetaTensor, spacing_mm: float | None = None, factor:
         raise ValueError(f"no slice of the requested grid (offset {offset_mm} mm, spacing {step_out} mm) lies inside "
                          f"the input's {(n - 1) * step_in:.1f} mm span")
     positions = (offset_mm + torch.arange(int(count), dtype=torch.float64) * step_out) / step_in
+    lo, hi = float(positions[0]), float(positions[-1])
+    if lo < -0.5 - 1e-6 or hi > n - 0.5 + 1e-6:  # each input slice stands for a slab of its spacing
+        raise ValueError(f"the requested grid ({int(count)} slices at {step_out:g} mm from {offset_mm:g} mm) reaches "
+                         f"{lo * step_in:.1f}..{hi * step_in:.1f} mm, beyond the input's slabs "
+                         f"({-0.5 * step_in:.1f}..{(n - 0.5) * step_in:.1f} mm from its first slice): lower the slice "
+                         "count or the offset, or leave the count out to fill the input's span")
     new_aff = aff.clone()
     new_aff[:3, axis] = aff[:3, axis] * (step_out / step_in)
     new_aff[:3, 3] = aff[:3, 3] + aff[:3, axis] * (offset_mm / step_in)

@@ -212,7 +212,8 @@ def load_radiographs(paths: Sequence[str | Path], expected_shape: Sequence[int] 
         img, _ = load_projection(p, expected_shape)
         if views and img.shape != views[0].shape:
             raise VolumeReadError(f"{p}: {tuple(img.shape)} pixels, but {paths[0]} has {tuple(views[0].shape)}; "
-                                  "all views of a study must have the detector size of the geometry")
+                                  "all views of a study must have the detector size of the geometry: resample the views "
+                                  "or use the matching geometry.json")
         views.append(img)
     return torch.stack(views)
 

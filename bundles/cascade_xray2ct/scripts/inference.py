@@ -28,7 +28,7 @@ from ctsynth.transforms import load_radiographs, normalize_radiograph, unscale_h
 
 from .network import rescale_affine
 
-__all__ = ["CascadeReconstructor", "reconstruction_grid"]
+__all__ = ["CascadeReconstructor", "check_views", "reconstruction_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ def reconstruction_grid(geometry_path: str | Path, fov_mm: float | None = None) 
                    geometry_path, fov)
     return fov, center, "detector"
 
+
+
+def check_views(xrays: Sequence[str | Path], geometry: str | Path) -> ProjectionGeometry:
+    """The geometry of ``geometry`` after checking it describes one view per radiograph of ``xrays``.
+
+    Raises:
+        ValueError: the counts differ (names the geometry file, both counts and the fix).
+    """
+    geom = ProjectionGeometry.load_json(geometry)
+    if len(xrays) != geom.num_views:
+        raise ValueError(f"{geometry} describes {geom.num_views} views ({[float(a) for a in geom.angles_deg]} deg) "
+                         f"but {len(xrays)} radiographs were given; pass one file per view, in that order")
+    return geom
 
 class CascadeReconstructor:
     """Loads a trained cascade once and reconstructs studies with :meth:`reconstruct`.
@@ -91,11 +104,8 @@ class CascadeReconstructor:
         Returns:
             The report also written to ``<output>.json``.
         """
-        geom = ProjectionGeometry.load_json(geometry)
         xrays = [xrays] if isinstance(xrays, (str, Path)) else list(xrays)
-        if len(xrays) != geom.num_views:
-            raise ValueError(f"{geometry} describes {geom.num_views} views ({[float(a) for a in geom.angles_deg]} deg) "
-                             f"but {len(xrays)} radiographs were given; pass one file per view, in that order")
+        geom = check_views(xrays, geometry)
         raw = load_radiographs(xrays, expected_shape=geom.detector_shape)
         images = normalize_radiograph(raw)
         fov, center, how = reconstruction_grid(geometry, fov_mm)
