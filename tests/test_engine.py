@@ -126,6 +126,32 @@ def test_checkpoint_manager_publishes_the_last_weights_when_validation_never_ran
     assert torch.equal(torch.load(tmp_path / "model.pt")["network"]["weight"], model.weight.detach())
 
 
+def test_resume_continues_the_random_stream_of_an_uninterrupted_run(tmp_path):
+    import random
+
+    import numpy as np
+
+    def run(folder, epochs, draws):
+        model = nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer, evaluator = _trainer(model, opt, [1.0] * 4)
+        CheckpointManager(folder, {"network": model, "optimizer": opt}, evaluator, "val_psnr").attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: draws.append(
+            (e.state.epoch, float(torch.rand(())), float(np.random.rand()), random.random())))
+        trainer.run(range(2), max_epochs=epochs)
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    straight: list = []
+    run(tmp_path / "a", 4, straight)
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    interrupted: list = []
+    run(tmp_path / "b", 2, interrupted)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # a new process: other seeds
+    run(tmp_path / "b", 4, interrupted)
+    assert [d[0] for d in interrupted] == [1, 2, 3, 4] and interrupted == straight
+    assert torch.load(tmp_path / "b" / CheckpointManager.LAST, weights_only=True)["rng"]["numpy"]["keys"].numel() == 624
+
+
 def test_checkpoint_manager_rejects_foreign_checkpoint(tmp_path):
     model = nn.Linear(1, 1)
     atomic_torch_save({"network": model.state_dict()}, tmp_path / CheckpointManager.LAST)

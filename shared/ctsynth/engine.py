@@ -35,7 +35,7 @@ from ctsynth.transforms import unscale_hu
 __all__ = [
     "atomic_torch_save", "is_rank_zero", "init_distributed", "wrap_distributed", "unwrap", "trainable_parameters",
     "amp_settings", "engine_amp", "engine_autocast", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta",
-    "load_network_weights", "CheckpointManager",
+    "load_network_weights", "rng_state", "set_rng_state", "CheckpointManager",
     "TrainingHistory", "ProgressBar", "VolumeMetric", "loss_output",
 ]
 
@@ -236,11 +236,43 @@ def load_network_weights(network: nn.Module, path: str | Path, strict: bool = Tr
     return dict(obj.get("meta", {})) if "network" in obj else {}
 
 
+def rng_state() -> dict[str, Any]:
+    """The random generators' states (Python, NumPy, torch CPU and CUDA) as tensors and plain types, so a
+    checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned (the CUDA part only where CUDA is present)."""
+    import random
+
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class CheckpointManager:
     """Atomic checkpoints with automatic resume (an ignite/MONAI handler: ``attach(trainer)``).
 
     Files in ``save_dir``: ``checkpoint_last.pt`` (every ``save_interval`` epochs and at the end: every object
-    of ``save_dict`` plus the trainer's epoch/iteration) and ``model.pt`` (the network, when the key metric of
+    of ``save_dict`` (network, optimizers, LR schedulers, ...) plus the trainer's epoch/iteration and the random
+    generators' states) and ``model.pt`` (the network, when the key metric of
     ``evaluator`` improves; every epoch when there is no evaluator). ``publish_path`` gets a copy of
     ``model.pt`` when training completes. Only rank 0 writes.
 
@@ -298,6 +330,7 @@ class CheckpointManager:
         state = {k: (unwrap(v) if isinstance(v, nn.Module) else v).state_dict() for k, v in self.save_dict.items()}
         state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         state["manager"] = {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+        state["rng"] = rng_state()
         return state
 
     def save_last(self, engine: Engine) -> None:
@@ -357,6 +390,8 @@ class CheckpointManager:
         engine.state.iteration = int(ckpt["trainer"]["iteration"])
         self.best_metric = ckpt["manager"]["best_metric"]
         self.best_epoch = int(ckpt["manager"]["best_epoch"])
+        if "rng" in ckpt:  # the run continues with the random stream it would have had
+            set_rng_state(ckpt["rng"])
         logger.info("resumed from %s at epoch %d (best %s=%s at epoch %d)", self.last_path, engine.state.epoch,
                     self.key_metric, self.best_metric, self.best_epoch)
         if engine.state.epoch >= engine.state.max_epochs:
