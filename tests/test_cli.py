@@ -113,3 +113,20 @@ def test_cli_bench_cascade_small(tmp_path, capsys):
     assert res["stages"][1]["losses"] == ["drr", "grad", "l1", "ssim", "vgg"]
     assert res["stages"][0]["step_s"]["median_s"] > 0 and res["stages"][0]["peak_memory_mb"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["benchmark"] == "cascade"
+
+
+def test_cli_bench_vqgan_small_with_plot(tmp_path, capsys):
+    main(["bench", "vqgan", "--small", "--train-shape", "16", "16", "16", "--batch", "1", "--volume", "24", "24", "20",
+          "--roi", "16", "16", "16", "--repeats", "1", "--out", str(tmp_path / "v.json"), "--plot", str(tmp_path / "v.png")])
+    res = _json_out(capsys)
+    assert res["benchmark"] == "vqgan" and res["train_step"]["size"] == [16, 16, 16] and res["parameters"] > 0
+    assert res["train_step"]["step_s"]["median_s"] > 0 and res["train_step"]["peak_memory_mb"] > 0
+    assert res["patchwise"]["windows"] == 8 and res["patchwise"]["voxels_per_s"] > 0
+    assert (tmp_path / "v.png").stat().st_size > 1000 and json.loads((tmp_path / "v.json").read_text()) == res
+
+
+def test_plot_benchmark_needs_timings(tmp_path):
+    from ctsynth.bench import plot_benchmark
+
+    with pytest.raises(ValueError, match="no timings"):
+        plot_benchmark({"benchmark": "x"}, tmp_path / "p.png")

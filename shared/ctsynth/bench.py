@@ -16,7 +16,8 @@ import torch
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 
-__all__ = ["machine_info", "time_call", "bench_drr", "write_json"]
+__all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "write_json",
+           "plot_benchmark"]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -112,11 +113,14 @@ def bench_drr(
     }
 
 
-def write_json(result: dict[str, Any], out: str | Path | None) -> str:
+def write_json(result: dict[str, Any], out: str | Path | None, plot: str | Path | None = None) -> str:
+    """The result as JSON text, also written to ``out`` and drawn as a bar chart of its timings to ``plot``."""
     text = json.dumps(result, indent=2)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
+    if plot is not None:
+        plot_benchmark(result, plot)
     return text
 
 
@@ -253,3 +257,91 @@ def bench_maisi(depths: Sequence[int] = (32, 64, 128), in_plane: int = 64, chunk
             "in_plane": in_plane, "chunk": chunk, "overlap": overlap, "num_splits": num_splits,
             "machine": machine_info(device), "runs": rows,
             "peak_growth_ratio": max(peaks) / min(peaks)}
+
+
+def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Sequence[int] | None = (512, 512, 128),
+                roi_size: Sequence[int] = (256, 256, 128), repeats: int = 3, device: str = "cpu", amp: bool = False,
+                network: dict[str, Any] | None = None) -> dict[str, Any]:
+    """xray2ctpa_vqgan stage 1: generator training-step time and peak memory at ``size`` (L1 + commitment;
+    the perceptual and adversarial terms add their own networks' cost), and the patch-wise path's throughput
+    on a ``volume`` reconstructed in ``roi_size`` windows (25 % overlap, Gaussian blending, stitched on CPU).
+
+    ``network`` overrides the bundle's default widths (e.g. the demo's). On GPU the peak is
+    ``torch.cuda.max_memory_allocated``; on CPU the process peak RSS (an upper bound).
+    """
+    from ctsynth.bundles import bundle_module
+    from ctsynth.engine import amp_settings
+
+    vqgan = bundle_module("xray2ctpa_vqgan", "vqgan")
+    torch.manual_seed(0)
+    net = vqgan.VQGAN3D(**(network or {})).to(device)
+    enabled, dtype, scaler = amp_settings(device, amp)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    x = torch.rand(int(batch), 1, *[int(s) for s in size], device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
+            rec, commitment, _ = net(x)
+        loss = torch.nn.functional.l1_loss(rec.float(), x) + commitment.float()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {
+        "benchmark": "vqgan", "network": net.config, "parameters": sum(p.numel() for p in net.parameters()),
+        "amp": enabled, "amp_dtype": str(dtype), "machine": machine_info(device),
+        "train_step": {"size": [int(s) for s in size], "batch": int(batch),
+                       "step_s": time_call(step, repeats=repeats, warmup=1, device=device),
+                       "peak_memory_mb": _peak_memory_mb(device)},
+    }
+    if volume is not None:
+        net.eval()
+        vol = torch.rand(1, 1, *[int(s) for s in volume])
+        codec = vqgan.PatchwiseVQGAN.fitted(net, vol.shape[-3:], roi_size, device=device)
+        timing = time_call(lambda: codec.reconstruct(vol), repeats=1, warmup=0, device=device)
+        result["patchwise"] = {"volume": [int(s) for s in volume], "roi_size": list(codec.roi_size),
+                               "windows": len(codec.windows(vol.shape[-3:])), "seconds": timing,
+                               "voxels_per_s": vol.numel() / timing["median_s"], "peak_memory_mb": _peak_memory_mb(device)}
+    return result
+
+
+def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
+    """A bar chart of every timing (median seconds) in ``result``, each named by its path in the JSON."""
+    bars: dict[str, float] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, dict):
+            if "median_s" in obj:
+                bars[name] = float(obj["median_s"])
+                return
+            for k, v in obj.items():
+                walk(v, f"{name}/{k}" if name else str(k))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+
+    walk(result, "")
+    if not bars:
+        raise ValueError("no timings (entries with median_s) in the benchmark result to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(bars)))
+    ax.barh(list(bars), list(bars.values()), color="#4477aa")
+    ax.set_xlabel("seconds (median)")
+    ax.set_title(f"ctsynth bench {result.get('benchmark', '')} on {result.get('machine', {}).get('device', '')}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -16,7 +16,8 @@ from typing import Any
 __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 
 logger = logging.getLogger("ctsynth")
-_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths")
+_MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths",
+                      "--train-shape", "--volume", "--roi")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -64,18 +65,18 @@ class Bench:
     def drr(self, size: int = 256, shape: Any = (512, 512, 133), spacing: Any = (0.7, 0.7, 2.5),
             pixel_spacing: float = 2.0, sid: float = 850.0, sdd: float = 1020.0, views: str = "ap,lateral",
             backend: str = "joseph", input_kind: str = "hu", plane_chunk: int = 128, repeats: int = 3,
-            device: str = "cpu", dtype: str = "float32", out: str | None = None) -> None:
+            device: str = "cpu", dtype: str = "float32", out: str | None = None, plot: str | None = None) -> None:
         """Seconds per cone-beam DRR, forward and forward+backward (targets 0.3 s / 1.0 s on 2 CPU cores)."""
         from ctsynth.bench import bench_drr, write_json
 
         res = bench_drr(_tuple(shape, 3, "shape"), _tuple(spacing, 3, "spacing"), size, pixel_spacing, sid, sdd,
                         views, backend, input_kind, plane_chunk, repeats, device, dtype)
-        sys.stdout.write(write_json(res, out) + "\n")
+        sys.stdout.write(write_json(res, out, plot) + "\n")
 
 
     def cascade(self, sizes: Any = (64, 128, 256), stages: Any = None, batch: Any = 2, xray_size: int = 512,
                 views: int = 2, repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False,
-                out: str | None = None) -> None:
+                out: str | None = None, plot: str | None = None) -> None:
         """Training-step time and peak memory per cascade stage (the bundle's network and stage losses).
 
         ``--small`` uses the demo's widths (for CPU smoke runs); the default is the bundle's full network.
@@ -90,16 +91,35 @@ class Bench:
             network = {k.split("#", 1)[1]: v for k, v in CASCADE_DEMO_NETWORK.items()}
         res = bench_cascade(_tuple(sizes), None if stages is None else _tuple(stages), batch if isinstance(batch, int)
                             else _tuple(batch), xray_size, views, repeats, device, amp, network)
-        sys.stdout.write(write_json(res, out) + "\n")
+        sys.stdout.write(write_json(res, out, plot) + "\n")
 
 
     def maisi(self, depths: Any = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
-              device: str = "cpu", small: bool = False, num_splits: int = 1, out: str | None = None) -> None:
+              device: str = "cpu", small: bool = False, num_splits: int = 1, out: str | None = None,
+              plot: str | None = None) -> None:
         """Windowed MAISI encode + decode: time and peak memory per depth (flat memory as the depth grows)."""
         from ctsynth.bench import bench_maisi, write_json
 
         res = bench_maisi(_tuple(depths), in_plane, chunk, overlap, device, small, num_splits)
-        sys.stdout.write(write_json(res, out) + "\n")
+        sys.stdout.write(write_json(res, out, plot) + "\n")
+
+    def vqgan(self, train_shape: Any = (256, 256, 64), batch: Any = 2, volume: Any = (512, 512, 128), roi: Any = (256, 256, 128),
+              repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False, out: str | None = None,
+              plot: str | None = None) -> None:
+        """xray2ctpa_vqgan VQ-GAN: training-step time and peak memory at ``--train-shape``, and the patch-wise path's
+        throughput on a ``--volume`` in ``--roi`` windows (``--volume none`` skips it). ``--small`` uses the
+        demo's widths; ``--plot PNG`` draws the timings."""
+        from ctsynth.bench import bench_vqgan, write_json
+
+        network = None
+        if small:
+            from ctsynth.demo import CTPA_DEMO_VQGAN
+
+            network = {k.split("#", 1)[1]: v for k, v in CTPA_DEMO_VQGAN.items()}
+        vol = None if volume in (None, "none", "None") else _tuple(volume, 3, "volume")
+        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        res = bench_vqgan(_tuple(train_shape, 3, "train-shape"), b, vol, _tuple(roi, 3, "roi"), repeats, device, amp, network)
+        sys.stdout.write(write_json(res, out, plot) + "\n")
 
 
 class Prepare:
