@@ -130,3 +130,15 @@ def test_plot_benchmark_needs_timings(tmp_path):
 
     with pytest.raises(ValueError, match="no timings"):
         plot_benchmark({"benchmark": "x"}, tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("bundle, channels, guided", [("slice_interp_ldm", 4, False), ("xray2ctpa_vqgan", 16, True)])
+def test_cli_bench_diffusion_small(bundle, channels, guided, capsys):
+    main(["bench", "diffusion", "--bundle", bundle, "--small", "--latent-shape", "8", "8", "8", "--batch", "1",
+          "--repeats", "1", "--latent-channels", "16", "--xray-size", "32"])
+    res = _json_out(capsys)
+    assert res["bundle"] == bundle and res["latent_shape"] == [1, channels, 8, 8, 8] and res["parameters"] > 0
+    assert res["train_step_s"]["median_s"] > 0 and res["sample_step_s"]["median_s"] > 0
+    assert res["guided_sample_step"] is guided
+    with pytest.raises(ValueError, match="bundle must be one of"):
+        main(["bench", "diffusion", "--bundle", "cascade_xray2ct"])

@@ -16,8 +16,8 @@ import torch
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 
-__all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "write_json",
-           "plot_benchmark"]
+__all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
+           "write_json", "plot_benchmark"]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -345,3 +345,76 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+#: the denoiser of each bundle with a diffusion stage: (training config holding ``network_def``, module, class)
+DIFFUSION_BENCHES = {"slice_interp_ldm": ("train.json", "sampling", "Denoiser"),
+                     "xray2ctpa_vqgan": ("train_diffusion.json", "conditioning", "XrayConditionedDenoiser")}
+
+
+def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int] = (64, 64, 32), batch: int = 2,
+                    repeats: int = 3, device: str = "cpu", amp: bool = False, network: dict[str, Any] | None = None,
+                    latent_channels: int = 64, xray_size: int = 256, guidance: bool = True) -> dict[str, Any]:
+    """A bundle's denoiser (the ``network_def`` of its training config, ``network`` overriding arguments):
+    training-step time (noisy latents -> MSE, AdamW) and one sampling step (the xray2ctpa_vqgan step runs the
+    conditional and unconditional halves of classifier-free guidance together when ``guidance``), with peak
+    memory. ``latent_channels`` applies to xray2ctpa_vqgan, whose latent width comes from its VQ-GAN."""
+    from ctsynth.bundles import bundle_module, bundle_root
+    from ctsynth.engine import amp_settings
+
+    if bundle not in DIFFUSION_BENCHES:
+        raise ValueError(f"bundle must be one of {sorted(DIFFUSION_BENCHES)}, got {bundle!r}")
+    config, module, cls = DIFFUSION_BENCHES[bundle]
+    spec = json.loads((Path(bundle_root(bundle)) / "configs" / config).read_text())["network_def"]
+    args = {k: v for k, v in spec.items() if k != "_target_" and not (isinstance(v, str) and v.startswith("$"))}
+    if bundle == "xray2ctpa_vqgan":
+        args["latent_channels"] = int(latent_channels)
+    args.update(network or {})
+    torch.manual_seed(0)
+    net = getattr(bundle_module(bundle, module), cls)(**args).to(device)
+    c = int(args.get("latent_channels", 4))
+    shape = (int(batch), c, *[int(s) for s in latent_shape])
+    x, target = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    t = torch.randint(0, 1000, (int(batch),), device=device)
+    xray = torch.rand(int(batch), 1, int(xray_size), int(xray_size), device=device)
+    cond = torch.randn(shape, device=device)
+
+    def forward(inp: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
+        if bundle == "xray2ctpa_vqgan":
+            return net(inp, steps, xray=xray[:n] if n <= xray.shape[0] else torch.cat([xray] * (n // xray.shape[0])))
+        return net(torch.cat([inp, cond[:n] if n <= cond.shape[0] else torch.cat([cond] * (n // cond.shape[0]))], 1),
+                   steps)
+
+    enabled, dtype, scaler = amp_settings(device, amp)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+
+    def train_step() -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
+            out = forward(x, t, x.shape[0])
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    doubled = bundle == "xray2ctpa_vqgan" and guidance
+
+    @torch.no_grad()
+    def sample_step() -> None:
+        net.eval()
+        inp = torch.cat([x, x]) if doubled else x
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
+            forward(inp, torch.full((inp.shape[0],), 500, device=device), inp.shape[0])
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return {"benchmark": "diffusion", "bundle": bundle, "network": args, "latent_shape": list(shape),
+            "parameters": sum(p.numel() for p in net.parameters()), "amp": enabled, "amp_dtype": str(dtype),
+            "machine": machine_info(device), "train_step_s": time_call(train_step, repeats=repeats, warmup=1, device=device),
+            "sample_step_s": time_call(sample_step, repeats=repeats, warmup=1, device=device),
+            "guided_sample_step": doubled, "peak_memory_mb": _peak_memory_mb(device)}

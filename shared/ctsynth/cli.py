@@ -17,7 +17,7 @@ __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 
 logger = logging.getLogger("ctsynth")
 _MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths",
-                      "--train-shape", "--volume", "--roi")
+                      "--train-shape", "--volume", "--roi", "--latent-shape")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -119,6 +119,25 @@ class Bench:
         vol = None if volume in (None, "none", "None") else _tuple(volume, 3, "volume")
         b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
         res = bench_vqgan(_tuple(train_shape, 3, "train-shape"), b, vol, _tuple(roi, 3, "roi"), repeats, device, amp, network)
+        sys.stdout.write(write_json(res, out, plot) + "\n")
+
+
+    def diffusion(self, bundle: str = "slice_interp_ldm", latent_shape: Any = (64, 64, 32), batch: Any = 2,
+                  repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False, latent_channels: int = 64,
+                  xray_size: int = 256, out: str | None = None, plot: str | None = None) -> None:
+        """A bundle's denoiser (``--bundle slice_interp_ldm`` or ``xray2ctpa_vqgan``): training-step and sampling-step
+        time and peak memory at ``--latent-shape``; ``--small`` uses the demo's widths."""
+        from ctsynth.bench import bench_diffusion, write_json
+
+        network = None
+        if small:
+            from ctsynth.demo import CTPA_DEMO_DENOISER, SLICE_DEMO_DENOISER
+
+            demo = CTPA_DEMO_DENOISER if bundle == "xray2ctpa_vqgan" else SLICE_DEMO_DENOISER
+            network = {k.split("#", 1)[1]: v for k, v in demo.items()}
+        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        res = bench_diffusion(bundle, _tuple(latent_shape, 3, "latent-shape"), b, repeats, device, amp, network,
+                              latent_channels, xray_size)
         sys.stdout.write(write_json(res, out, plot) + "\n")
 
 
