@@ -132,6 +132,22 @@ CASCADE_STAGE_LOSSES = (
 )
 
 
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:
+    """Backward and step, through the gradient scaler when float16 autocast uses one."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -193,16 +209,9 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
             with ctx():
                 pred = net(xr, [geom] * b, aff0, up_to_stage=stage - 1)[-1].float()
             loss = loss_fn(pred, target, affine=aff, geometry=[geom] * b)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            _optimiser_step(loss, opt, scaler)
 
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        _reset_peak_memory(device)
         timing = time_call(step, repeats=repeats, warmup=1, device=device)
         result["stages"].append({"stage": stage, "size": s, "batch": b, "losses": sorted(CASCADE_STAGE_LOSSES[stage - 1]),
                                  "step_s": timing, "peak_memory_mb": _peak_memory_mb(device),
@@ -284,16 +293,9 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
             rec, commitment, _ = net(x)
         loss = torch.nn.functional.l1_loss(rec.float(), x) + commitment.float()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        _optimiser_step(loss, opt, scaler)
 
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory(device)
     result: dict[str, Any] = {
         "benchmark": "vqgan", "network": net.config, "parameters": sum(p.numel() for p in net.parameters()),
         "amp": enabled, "amp_dtype": str(dtype), "machine": machine_info(device),
@@ -394,12 +396,7 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
             out = forward(x, t, x.shape[0])
         loss = torch.nn.functional.mse_loss(out.float(), target)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        _optimiser_step(loss, opt, scaler)
 
     doubled = bundle == "xray2ctpa_vqgan" and guidance
 
@@ -410,9 +407,7 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
             forward(inp, torch.full((inp.shape[0],), 500, device=device), inp.shape[0])
 
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory(device)
     return {"benchmark": "diffusion", "bundle": bundle, "network": args, "latent_shape": list(shape),
             "parameters": sum(p.numel() for p in net.parameters()), "amp": enabled, "amp_dtype": str(dtype),
             "machine": machine_info(device), "train_step_s": time_call(train_step, repeats=repeats, warmup=1, device=device),
