@@ -287,6 +287,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     Writes ``OUT/xray2ctpa_vqgan/metrics.json``.
     """
     from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
+    from ctsynth.engine import read_checkpoint_meta
     from ctsynth.io import load_projection, load_volume
     from ctsynth.metrics import compute_image_metrics
     from ctsynth.prepare import load_datalist, prepare_ctpa, write_phantom_ctpa_studies
@@ -327,10 +328,10 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     from ctsynth.phantoms import thorax_phantom
 
     large, _ = thorax_phantom(tuple(large_shape), spacing, seed=seed + 5000, contrast=True, emboli=1.0)
-    vqgan_mod = bundle_module("xray2ctpa_vqgan", "evaluate")
-    net = bundle_module("xray2ctpa_vqgan", "vqgan").VQGAN3D(**{k.split("#")[1]: v for k, v in CTPA_DEMO_VQGAN.items()})
-    recon = vqgan_mod.VQGANReconstructor(net, root / "models" / "vqgan.pt", roi_size=side,
-                                         whole_max_voxels=int(torch.tensor(large_shape).prod()))
+    vqgan_path = root / "models" / "vqgan.pt"
+    net = bundle_module("xray2ctpa_vqgan", "vqgan").VQGAN3D(**read_checkpoint_meta(vqgan_path)["network_config"])
+    recon = bundle_module("xray2ctpa_vqgan", "evaluate").VQGANReconstructor(
+        net, vqgan_path, roi_size=side, whole_max_voxels=int(torch.tensor(large_shape).prod()))
     patch, whole, counts, codec = recon.reconstruct(large)
     m_patch = compute_image_metrics(patch, large, window=(-1000, 1000))
     m_whole = compute_image_metrics(whole, large, window=(-1000, 1000))

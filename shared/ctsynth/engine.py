@@ -216,15 +216,21 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_network_weights(network: nn.Module, path: str | Path, strict: bool = True,
-                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+                         map_location: str | torch.device = "cpu", require_meta: Sequence[str] = (),
+                         not_this_kind: str = "not a checkpoint of this model") -> dict[str, Any]:
     """Loads weights written by :class:`CheckpointManager` (``model.pt`` / ``checkpoint_last.pt``) or a bare
-    state dict into ``network``. Returns the checkpoint's ``meta`` (empty for bare state dicts).
+    state dict into ``network`` (one read of the file). Returns the checkpoint's ``meta`` (empty for bare state
+    dicts), which must hold every key of ``require_meta`` (else ``not_this_kind`` is the error, with the fix).
 
     Raises:
         FileNotFoundError / ValueError: naming the file and what to do.
     """
     obj = _read_checkpoint(path, ". Train the previous stage first or pass the right path (e.g. --init_checkpoint "
                                  "/ --checkpoint)", map_location)
+    meta = dict(obj.get("meta", {})) if isinstance(obj, dict) and "network" in obj else {}
+    missing = [k for k in require_meta if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: {not_this_kind} (its meta lacks {missing})")
     state = obj.get("network", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or a ctsynth checkpoint with a 'network' entry")
@@ -233,7 +239,7 @@ def load_network_weights(network: nn.Module, path: str | Path, strict: bool = Tr
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit this network ({str(e).splitlines()[0]}...). Use the same "
                          "network settings as the run that wrote them.") from None
-    return dict(obj.get("meta", {})) if "network" in obj else {}
+    return meta
 
 
 def rng_state() -> dict[str, Any]:

@@ -25,8 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctsynth.diffusion import diffusion_target
-from ctsynth.engine import (engine_amp, engine_autocast, load_network_weights, optimisation_step, read_checkpoint_meta,
-                            trainable_parameters, unwrap)
+from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
 from ctsynth.transforms import pad_to_multiple
 
 from .vqgan import VQGAN3D
@@ -39,13 +38,19 @@ logger = logging.getLogger(__name__)
 
 def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
     """The stage-1 VQ-GAN of ``path`` (``vqgan.pt``, which records its constructor arguments), frozen, in eval mode."""
-    meta = read_checkpoint_meta(path)
+    from ctsynth.losses import load_state_dict_and_meta
+
+    state, meta = load_state_dict_and_meta(path)  # one read: the settings build the network the weights fill
     config = meta.get("network_config")
     if not config:
         raise ValueError(f"{path}: no network_config in its meta; it is not a VQ-GAN checkpoint written by "
                          "bundles/xray2ctpa_vqgan/configs/train.json (train stage 1 first)")
     net = VQGAN3D(**config)
-    load_network_weights(net, path)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the VQ-GAN its meta describes ({str(e).splitlines()[0]}); "
+                         "the file is damaged or was edited: retrain stage 1") from None
     net = net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Resize
 from torch import nn
 
-from ctsynth.engine import load_network_weights, read_checkpoint_meta
+from ctsynth.engine import load_network_weights
 from ctsynth.io import save_dicom_series, save_nifti
 from ctsynth.transforms import LoadRadiographs, NormalizeRadiograph, unscale_hu
 
@@ -56,17 +56,13 @@ class CTPAGenerator:
                  num_inference_steps: int = 50, guidance: float = 3.0, quantize: bool = True,
                  device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        meta = read_checkpoint_meta(checkpoint)
-        missing = [k for k in STAGE2_META_KEYS if k not in meta]
-        if missing:
-            raise ValueError(f"{checkpoint}: not an xray2ctpa_vqgan stage-2 checkpoint (its meta lacks {missing}); "
-                             "train one with bundles/xray2ctpa_vqgan/configs/train_diffusion.json")
+        meta = load_network_weights(network, checkpoint, require_meta=STAGE2_META_KEYS, not_this_kind=(
+            "not an xray2ctpa_vqgan stage-2 checkpoint; train one with bundles/xray2ctpa_vqgan/configs/train_diffusion.json"))
         for key in ("prediction_type", "num_train_timesteps"):
             if key in meta and getattr(scheduler, key, meta[key]) != meta[key]:
                 raise ValueError(f"{checkpoint} was trained with {key}={meta[key]!r} but the sampler is set to "
                                  f"{getattr(scheduler, key)!r}; pass --{key} {meta[key]} (`ctsynth generate` reads it "
                                  "from the checkpoint)")
-        load_network_weights(network, checkpoint)
         self.network = network.to(self.device).eval()
         self.vqgan = load_vqgan(vqgan_path, self.device)
         if self.vqgan.config["embedding_dim"] != getattr(network, "latent_channels", self.vqgan.config["embedding_dim"]):

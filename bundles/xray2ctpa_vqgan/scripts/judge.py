@@ -55,11 +55,9 @@ class PEScorer:
 
     def __init__(self, network: nn.Module, checkpoint: str | Path, intensity_range: Sequence[float] | None = None,
                  device: str | torch.device = "cpu") -> None:
-        from ctsynth.engine import read_checkpoint_meta
-
+        meta = load_network_weights(network, checkpoint)
         if intensity_range is None:
-            intensity_range = read_checkpoint_meta(checkpoint).get("intensity_range", (-1000.0, 1000.0))
-        load_network_weights(network, checkpoint)
+            intensity_range = meta.get("intensity_range", (-1000.0, 1000.0))
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.window = tuple(float(w) for w in intensity_range)
