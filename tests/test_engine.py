@@ -152,6 +152,33 @@ def test_resume_continues_the_random_stream_of_an_uninterrupted_run(tmp_path):
     assert torch.load(tmp_path / "b" / CheckpointManager.LAST, weights_only=True)["rng"]["numpy"]["keys"].numel() == 624
 
 
+def test_resume_restores_the_amp_gradient_scaler(tmp_path, monkeypatch):
+    import ctsynth.engine as eng
+
+    def run(init_scale, epochs):
+        # a float16 GPU as amp_settings sees it: AMP on with a fresh gradient scaler
+        monkeypatch.setattr(eng, "amp_settings", lambda device, enabled: (True, torch.float16,
+                                                                          torch.amp.GradScaler("cpu", init_scale=init_scale)))
+        model = nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scales = []
+
+        def step(engine, batch):
+            scaler = eng.engine_amp(engine, True)[2]
+            scales.append(scaler.get_scale())
+            return {"loss": 0.0}
+
+        trainer = Engine(step)
+        trainer.state.device = torch.device("cpu")
+        CheckpointManager(tmp_path, {"network": model, "optimizer": opt}).attach(trainer)
+        trainer.run(range(1), max_epochs=epochs)
+        return scales
+
+    assert run(1234.0, 1) == [1234.0]
+    assert torch.load(tmp_path / CheckpointManager.LAST, weights_only=True)["grad_scaler"]["scale"] == 1234.0
+    assert run(65536.0, 2) == [1234.0]  # the resumed run's new scaler took the saved loss scale
+
+
 def test_checkpoint_manager_rejects_foreign_checkpoint(tmp_path):
     model = nn.Linear(1, 1)
     atomic_torch_save({"network": model.state_dict()}, tmp_path / CheckpointManager.LAST)

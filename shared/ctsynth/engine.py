@@ -133,6 +133,9 @@ def engine_amp(engine: Engine, enabled: bool) -> tuple[bool, torch.dtype, torch.
     steps)."""
     if getattr(engine, "ctsynth_amp", None) is None:
         engine.ctsynth_amp = amp_settings(engine.state.device, enabled)
+        scaler, resumed = engine.ctsynth_amp[2], getattr(engine, "ctsynth_resumed_scaler", None)
+        if scaler is not None and resumed:  # a resumed run keeps its loss scale
+            scaler.load_state_dict(resumed)
     return engine.ctsynth_amp
 
 
@@ -277,8 +280,8 @@ class CheckpointManager:
     """Atomic checkpoints with automatic resume (an ignite/MONAI handler: ``attach(trainer)``).
 
     Files in ``save_dir``: ``checkpoint_last.pt`` (every ``save_interval`` epochs and at the end: every object
-    of ``save_dict`` (network, optimizers, LR schedulers, ...) plus the trainer's epoch/iteration and the random
-    generators' states) and ``model.pt`` (the network, when the key metric of
+    of ``save_dict`` (network, optimizers, LR schedulers, ...) plus the trainer's epoch/iteration, the random
+    generators' states and the float16 AMP gradient scaler) and ``model.pt`` (the network, when the key metric of
     ``evaluator`` improves; every epoch when there is no evaluator). ``publish_path`` gets a copy of
     ``model.pt`` when training completes. Only rank 0 writes.
 
@@ -337,6 +340,9 @@ class CheckpointManager:
         state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         state["manager"] = {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
         state["rng"] = rng_state()
+        scaler = (getattr(engine, "ctsynth_amp", None) or (None, None, None))[2]
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         return state
 
     def save_last(self, engine: Engine) -> None:
@@ -398,6 +404,8 @@ class CheckpointManager:
         self.best_epoch = int(ckpt["manager"]["best_epoch"])
         if "rng" in ckpt:  # the run continues with the random stream it would have had
             set_rng_state(ckpt["rng"])
+        if "grad_scaler" in ckpt:  # float16 AMP: engine_amp hands it to the scaler it creates
+            engine.ctsynth_resumed_scaler = ckpt["grad_scaler"]
         logger.info("resumed from %s at epoch %d (best %s=%s at epoch %d)", self.last_path, engine.state.epoch,
                     self.key_metric, self.best_metric, self.best_epoch)
         if engine.state.epoch >= engine.state.max_epochs:
