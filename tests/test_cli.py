@@ -142,3 +142,14 @@ def test_cli_bench_diffusion_small(bundle, channels, guided, capsys):
     assert res["guided_sample_step"] is guided
     with pytest.raises(ValueError, match="bundle must be one of"):
         main(["bench", "diffusion", "--bundle", "cascade_xray2ct"])
+
+
+@pytest.mark.parametrize("argv, kind, key, value", [
+    (["autoencoder", "--small", "--patch", "16", "16", "16"], "maisi_autoencoder", "patch", [16, 16, 16]),
+    (["classifier", "--small", "--volume", "24", "24", "16", "--batch", "2"], "pe_classifier", "shape", [24, 24, 16]),
+])
+def test_cli_bench_stage_steps(argv, kind, key, value, capsys):
+    main(["bench", *argv, "--repeats", "1"])
+    res = _json_out(capsys)
+    assert res["benchmark"] == kind and res[key] == value and res["parameters"] > 0
+    assert res["step_s"]["median_s"] > 0 and res["peak_memory_mb"] > 0

@@ -17,7 +17,7 @@ from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 
 __all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
-           "write_json", "plot_benchmark"]
+           "bench_autoencoder", "bench_classifier", "write_json", "plot_benchmark"]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -413,3 +413,58 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
             "machine": machine_info(device), "train_step_s": time_call(train_step, repeats=repeats, warmup=1, device=device),
             "sample_step_s": time_call(sample_step, repeats=repeats, warmup=1, device=device),
             "guided_sample_step": doubled, "peak_memory_mb": _peak_memory_mb(device)}
+
+
+def _network_step_benchmark(name: str, net: torch.nn.Module, loss_of: Callable[[], torch.Tensor], repeats: int,
+                            device: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Step time (forward, ``loss_of``, backward, AdamW step) and peak memory of one network."""
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        _optimiser_step(loss_of(), opt, None)
+
+    _reset_peak_memory(device)
+    return {"benchmark": name, **extra, "parameters": sum(p.numel() for p in net.parameters()),
+            "machine": machine_info(device), "step_s": time_call(step, repeats=repeats, warmup=1, device=device),
+            "peak_memory_mb": _peak_memory_mb(device)}
+
+
+def bench_autoencoder(patch: Sequence[int] = (64, 64, 64), batch: int = 1, repeats: int = 3, device: str = "cpu",
+                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """slice_interp_ldm's autoencoder training step (MAISI architecture, released widths unless ``overrides``):
+    L1 + KL on random ``patch`` crops (the perceptual and adversarial terms add their own networks' cost)."""
+    from ctsynth.bundles import bundle_module
+    from ctsynth.maisi import build_maisi_autoencoder
+
+    kl_divergence = bundle_module("slice_interp_ldm", "autoencoder").kl_divergence
+    torch.manual_seed(0)
+    net = build_maisi_autoencoder(**(overrides or {})).to(device)
+    x = torch.rand(int(batch), 1, *[int(s) for s in patch], device=device)
+
+    def loss() -> torch.Tensor:
+        rec, mu, sigma = net(x)
+        return torch.nn.functional.l1_loss(rec.float(), x) + 1e-7 * kl_divergence(mu, sigma)
+
+    return _network_step_benchmark("maisi_autoencoder", net, loss, repeats, device,
+                                   {"patch": [int(s) for s in patch], "batch": int(batch), "overrides": overrides or {}})
+
+
+def bench_classifier(shape: Sequence[int] = (256, 256, 64), batch: int = 4, repeats: int = 3, device: str = "cpu",
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """xray2ctpa_vqgan's PE classifier training step (the ``classifier_def`` of train_classifier.json, ``overrides``
+    applied): binary cross-entropy on random volumes of ``shape``."""
+    from monai.networks.nets import ResNet
+
+    from ctsynth.bundles import bundle_root
+
+    spec = json.loads((Path(bundle_root("xray2ctpa_vqgan")) / "configs" / "train_classifier.json").read_text())
+    args = {k: v for k, v in spec["classifier_def"].items() if k != "_target_"}
+    args.update(overrides or {})
+    torch.manual_seed(0)
+    net = ResNet(**args).to(device)
+    x = torch.rand(int(batch), 1, *[int(s) for s in shape], device=device)
+    y = (torch.arange(int(batch), device=device) % 2).float()[:, None]
+    return _network_step_benchmark("pe_classifier", net, lambda: torch.nn.functional.binary_cross_entropy_with_logits(
+        net(x).float(), y), repeats, device, {"shape": [int(s) for s in shape], "batch": int(batch), "network": args})

@@ -17,7 +17,7 @@ __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 
 logger = logging.getLogger("ctsynth")
 _MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths",
-                      "--train-shape", "--volume", "--roi", "--latent-shape")
+                      "--train-shape", "--volume", "--roi", "--latent-shape", "--patch")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -139,6 +139,37 @@ class Bench:
         res = bench_diffusion(bundle, _tuple(latent_shape, 3, "latent-shape"), b, repeats, device, amp, network,
                               latent_channels, xray_size)
         sys.stdout.write(write_json(res, out, plot) + "\n")
+
+
+    def autoencoder(self, patch: Any = (64, 64, 64), batch: Any = 1, repeats: int = 3, device: str = "cpu",
+                    small: bool = False, out: str | None = None, plot: str | None = None) -> None:
+        """slice_interp_ldm's MAISI-architecture autoencoder: training-step time and peak memory on ``--patch``
+        crops (released widths; ``--small`` the demo's)."""
+        from ctsynth.bench import bench_autoencoder, write_json
+
+        overrides = None
+        if small:
+            from ctsynth.demo import SLICE_DEMO_AUTOENCODER
+
+            overrides = dict(SLICE_DEMO_AUTOENCODER)
+        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        sys.stdout.write(write_json(bench_autoencoder(_tuple(patch, 3, "patch"), b, repeats, device, overrides), out,
+                                    plot) + "\n")
+
+    def classifier(self, volume: Any = (256, 256, 64), batch: Any = 4, repeats: int = 3, device: str = "cpu",
+                   small: bool = False, out: str | None = None, plot: str | None = None) -> None:
+        """xray2ctpa_vqgan's PE classifier: training-step time and peak memory on ``--volume`` inputs (the bundle's
+        ResNet; ``--small`` the demo's widths)."""
+        from ctsynth.bench import bench_classifier, write_json
+
+        overrides = None
+        if small:
+            from ctsynth.demo import CTPA_DEMO_CLASSIFIER
+
+            overrides = {k.split("#", 1)[1]: v for k, v in CTPA_DEMO_CLASSIFIER.items()}
+        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        sys.stdout.write(write_json(bench_classifier(_tuple(volume, 3, "volume"), b, repeats, device, overrides), out,
+                                    plot) + "\n")
 
 
 class Prepare:
