@@ -142,12 +142,13 @@ class Bench:
 
 
     def autoencoder(self, patch: Any = (64, 64, 64), batch: Any = 1, repeats: int = 3, device: str = "cpu",
-                    small: bool = False, out: str | None = None, plot: str | None = None) -> None:
+                    small: bool = False, num_splits: int = 1, out: str | None = None, plot: str | None = None) -> None:
         """slice_interp_ldm's MAISI-architecture autoencoder: training-step time and peak memory on ``--patch``
-        crops (released widths; ``--small`` the demo's)."""
+        crops (released widths; ``--small`` the demo's). ``--num-splits``: the released model splits its
+        convolutions 8 ways for 512-pixel slices; patches need fewer."""
         from ctsynth.bench import bench_autoencoder, write_json
 
-        overrides = None
+        overrides: dict[str, Any] = {"num_splits": int(num_splits)}
         if small:
             from ctsynth.demo import SLICE_DEMO_AUTOENCODER
 
