@@ -266,3 +266,12 @@ def test_demo_runs_every_stage_and_reports_the_checks(tmp_path):
     assert np.isfinite(c["patchwise_minus_whole_db_large"]) and summary["large_phantom"]["shape"] == [40, 40, 32]
     assert load_volume(summary["inference"]["written"]).shape == (1, 32, 32, 24)
     assert (tmp_path / "xray2ctpa_vqgan" / "eval" / "large_phantom.png").is_file()
+
+
+@pytest.mark.parametrize("volume, downsample, multiple", [((32, 32, 24), 4, 2), ((30, 33, 17), 4, 4), ((64, 64, 64), 8, 1)])
+def test_latent_shape_of_is_what_encoding_returns(volume, downsample, multiple):
+    torch.manual_seed(0)
+    channels = {4: [4, 8, 8], 8: [4, 8, 8, 8]}[downsample]
+    vq = VQGAN3D(1, channels, 1, num_embeddings=8, embedding_dim=4, norm_groups=2).eval()
+    encoded = _diff.encode_latents(vq, torch.rand(1, 1, *volume), multiple)
+    assert list(encoded.shape[-3:]) == _diff.latent_shape_of(volume, downsample, multiple)

@@ -30,7 +30,7 @@ from ctsynth.transforms import pad_to_multiple
 
 from .vqgan import VQGAN3D
 
-__all__ = ["load_vqgan", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
+__all__ = ["load_vqgan", "latent_shape_of", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
            "decode_latents", "GenerationValidation"]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
     return net
 
 
+def latent_shape_of(volume_shape: Iterable[int], downsample: int, multiple: int = 1) -> list[int]:
+    """Latent sizes of a volume of ``volume_shape`` (X, Y, Z): each size padded to the VQ-GAN's ``downsample``,
+    divided by it, then padded to the denoiser's ``multiple`` (what :func:`encode_latents` returns)."""
+    return [-(-(-(-int(s) // downsample)) // multiple) * multiple for s in volume_shape]
+
+
 def training_grid(datalist: str | Path, vqgan: VQGAN3D, multiple: int = 1, split: str = "training",
                   image_key: str = "image") -> dict[str, list]:
     """The grid every generated volume is made on: ``volume_shape`` (the training volumes' common shape),
@@ -83,8 +89,7 @@ def training_grid(datalist: str | Path, vqgan: VQGAN3D, multiple: int = 1, split
         raise ValueError(f"training volumes differ in shape ({fa}: {list(a)}, {fb}: {list(b)}); stage 2 generates one "
                          "grid: prepare the data with `ctsynth prepare ctpa --shape X Y Z`")
     shape = list(next(iter(shapes)))
-    f, m = vqgan.downsample, int(multiple)
-    latent = [-(-(-(-s // f)) // m) * m for s in shape]
+    latent = latent_shape_of(shape, vqgan.downsample, int(multiple))
     spacing = torch.tensor(spacings).median(0).values.tolist()
     return {"volume_shape": shape, "spacing_mm": spacing, "latent_shape": latent}
 
@@ -247,8 +252,7 @@ class GenerationValidation:
             raise TypeError("GenerationValidation is for evaluators")
         device = engine.state.device
         real = torch.as_tensor(batch[self.image_key]).to(device).float()
-        net = unwrap(engine.network)
-        shape = encode_latents(self.vqgan, real[:1], net.multiple).shape[-3:]
+        shape = latent_shape_of(real.shape[-3:], self.vqgan.downsample, unwrap(engine.network).multiple)
         g = torch.Generator(device=device).manual_seed(self.seed)
         sampler = GuidedSampler(engine.network, self.scheduler, self.num_inference_steps, self.guidance, progress=False)
         z = sampler(torch.as_tensor(batch[self.xray_key]).to(device).float(), shape, generator=g)

@@ -3,8 +3,8 @@ model on a new site's X-rays with few trainable parameters.
 
 :func:`add_lora` replaces the chosen ``nn.Linear`` layers by :class:`LoRALinear` (frozen base + trainable
 low-rank update, zero at start so the fine-tuned model begins exactly where the base model is) and freezes
-every other parameter. Checkpoints record the settings (``lora`` in their meta) so inference rebuilds the
-same structure; :func:`merge_lora` folds the updates into plain ``nn.Linear`` layers.
+every other parameter. The settings go into the network's ``config`` (``lora``), which checkpoints record, so
+inference rebuilds the same structure; :func:`merge_lora` folds the updates into plain ``nn.Linear`` layers.
 """
 
 from __future__ import annotations
