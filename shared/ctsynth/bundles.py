@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "run_bundle", "network_overrides"]
+__all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "bundle_version", "pack_bundle",
+           "run_bundle", "network_overrides"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ DIFFUSION_SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "schedule",
 def bundle_root(name: str, add_to_path: bool = True) -> str:
     """Folder of bundle ``name``.
 
-    Looked up in order: ``$CTSYNTH_BUNDLES_DIR/<name>``, the current folder when it is that bundle,
-    ``./bundles/<name>``, and the ``bundles/`` folder of the checkout this package was installed from.
+    Looked up in order: ``$CTSYNTH_BUNDLES_DIR/<name>``; the bundle whose ``configs/`` hold the
+    ``--config_file`` given to ``python -m monai.bundle run`` (so a bundle fetched with ``monai.bundle download``
+    runs its own scripts and writes into its own ``models/``, wherever it lies); the current folder when it is
+    that bundle; ``./bundles/<name>``; and the ``bundles/`` folder of the checkout this package was installed from.
 
     Raises:
         FileNotFoundError: listing where it looked.
@@ -39,6 +42,7 @@ def bundle_root(name: str, add_to_path: bool = True) -> str:
     candidates = []
     if os.environ.get("CTSYNTH_BUNDLES_DIR"):
         candidates.append(Path(os.environ["CTSYNTH_BUNDLES_DIR"]) / name)
+    candidates += [d for d in _config_file_bundles(sys.argv) if d.name == name]
     candidates += [cwd if cwd.name == name else None, cwd / "bundles" / name,
                    Path(__file__).resolve().parents[2] / "bundles" / name]
     for c in candidates:
@@ -51,6 +55,24 @@ def bundle_root(name: str, add_to_path: bool = True) -> str:
         f"bundle {name!r} not found (looked in {[str(c) for c in candidates if c is not None]}); run from the "
         "ctsynth checkout, or set CTSYNTH_BUNDLES_DIR to the folder holding the bundles"
     )
+
+
+def _config_file_bundles(argv: Sequence[str]) -> list[Path]:
+    """Bundle folders (parents of ``configs/``) of the ``--config_file`` values in a ``monai.bundle`` command line:
+    ``--config_file a.json``, ``--config_file=a.json`` or a list such as ``"['a.json','b.json']"``."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith("--config_file="):
+            values.append(arg.split("=", 1)[1])
+    out = []
+    for v in values:
+        for item in v.strip("[]()").split(","):
+            f = Path(item.strip().strip("'\"")).expanduser()
+            if f.parent.name == "configs" and f.parent.is_dir():
+                out.append(f.parent.parent.resolve())
+    return out
 
 
 def _activate(root: str) -> None:
@@ -70,6 +92,100 @@ def bundle_module(name: str, module: str) -> Any:
 
     bundle_root(name)
     return importlib.import_module(f"scripts.{module}")
+
+
+def bundle_version(name: str) -> str:
+    """The ``version`` in bundle ``name``'s ``configs/metadata.json``."""
+    import json
+
+    meta = Path(bundle_root(name, add_to_path=False)) / "configs" / "metadata.json"
+    return str(json.loads(meta.read_text())["version"])
+
+
+#: folders of a bundle that a run fills and a package must not carry
+_PACK_SKIP_DIRS = {"__pycache__", "data", "eval", "logs", "runs", ".ipynb_checkpoints"}
+#: weight suffixes, packed only on request (model-zoo bundles fetch them through large_files.yml)
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".ts", ".safetensors", ".onnx")
+
+
+def pack_bundle(name: str, out_dir: str | Path, weights: bool = False, weights_url: str | None = None) -> Path:
+    """Zips bundle ``name`` as the model zoo hosts bundles: ``OUT_DIR/<name>_v<version>.zip`` holding one
+    top folder ``<name>/`` (configs, scripts, docs, LICENSE, large_files.yml, models/README.md).
+
+    Run outputs (``data/``, ``eval/``, logs, caches) never go in; weights (``models/**/*.pt`` ...) only with
+    ``weights=True`` (otherwise users fetch them with ``python -m monai.bundle download_large_files``).
+    With ``weights_url`` the weights under ``models/`` are copied to ``OUT_DIR/<name>_v<version>_files/models/``
+    for upload to that URL, and the packed ``large_files.yml`` lists each (URL, sha256) after the bundle's own
+    entries. The zip is written next to its final name and renamed, so an interrupted pack leaves no partial file.
+
+    Returns:
+        The zip's path.
+    """
+    import zipfile
+
+    root = Path(bundle_root(name, add_to_path=False))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}_v{bundle_version(name)}.zip"
+    tmp = target.with_name(target.name + ".partial")
+    files = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if not f.is_file() or _PACK_SKIP_DIRS & set(rel.parts[:-1]) or f.suffix == ".pyc":
+            continue
+        if f.suffix in _WEIGHT_SUFFIXES and not weights:
+            continue
+        if rel.parts[0] == "models" and f.suffix not in _WEIGHT_SUFFIXES and f.name != "README.md":
+            continue  # training state beside the weights (history, logs)
+        files.append((f, Path(name) / rel))
+    large_files = _published_large_files(root, out_dir / f"{target.stem}_files", weights_url) if weights_url else None
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f, arc in files:
+                if large_files is not None and arc.as_posix() == f"{name}/large_files.yml":
+                    continue
+                zf.write(f, arc.as_posix())
+            if large_files is not None:
+                zf.writestr(f"{name}/large_files.yml", large_files)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {target}: {e.strerror or e}; free space or choose another --out") from None
+    logger.info("packed %d files of %s -> %s", len(files), root, target)
+    return target
+
+
+def _published_large_files(root: Path, files_dir: Path, base_url: str) -> str:
+    """Copies the weights under ``root/models`` into ``files_dir/models`` and returns ``root/large_files.yml``
+    with an entry per copied file (``base_url/models/<file>``, sha256) appended (entries for the same path replaced)."""
+    import hashlib
+    import shutil
+
+    import yaml
+
+    src = root / "large_files.yml"
+    entries = list((yaml.safe_load(src.read_text()) or {}).get("large_files") or []) if src.is_file() else []
+    published = []
+    for f in sorted((root / "models").rglob("*")):
+        if not f.is_file() or f.suffix not in _WEIGHT_SUFFIXES:
+            continue
+        rel = f.relative_to(root).as_posix()
+        dst = files_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+        digest = hashlib.sha256()
+        with open(dst, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        published.append({"path": rel, "url": f"{base_url.rstrip('/')}/{rel}", "hash_val": digest.hexdigest(),
+                          "hash_type": "sha256"})
+    if not published:
+        raise FileNotFoundError(f"--weights-url given but {root / 'models'} holds no weights ({_WEIGHT_SUFFIXES}); "
+                                "train the bundle first")
+    paths = {p["path"] for p in published}
+    entries = [e for e in entries if e.get("path") not in paths] + published
+    logger.info("weights to upload to %s: %s", base_url, files_dir)
+    return yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
 
 def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mapping[str, Any] | None = None,

@@ -227,12 +227,28 @@ class Prepare:
         _emit(prepare_phantom_pairs(out, n, _tuple(shape, 3, "shape"), spacing, factor, seed=seed))
 
 
+class BundleCommands:
+    """Bundle packaging: ``ctsynth bundle pack NAME --out DIR``."""
+
+    def pack(self, name: str, out: str = "dist", weights: bool = False, weights_url: str | None = None) -> None:
+        """Zips bundle NAME as ``OUT/NAME_v<version>.zip`` (the model zoo's layout), fit for
+        ``python -m monai.bundle download --name NAME --url file:///abs/OUT/NAME_v<version>.zip --bundle_dir D``.
+        ``--weights`` also packs models/ weights (left out by default: large_files.yml points at them);
+        ``--weights-url URL`` copies them to ``OUT/NAME_v<version>_files/`` for upload to URL and lists them, with
+        their sha256, in the packed large_files.yml."""
+        from ctsynth.bundles import pack_bundle
+
+        path = pack_bundle(name, out, weights=weights, weights_url=weights_url)
+        _emit({"written": str(path), "bytes": path.stat().st_size, "url": path.resolve().as_uri()})
+
+
 class CLI:
     """ctsynth: synthesise CT where a full scan is missing."""
 
     def __init__(self) -> None:
         self.bench = Bench()
         self.prepare = Prepare()
+        self.bundle = BundleCommands()
 
     def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0) -> None:
         """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json."""
