@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "bundle_version", "pack_bundle",
-           "run_bundle", "network_overrides"]
+           "run_bundle", "network_overrides", "slice_ldm_overrides", "cascade_overrides"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,3 +234,32 @@ def network_overrides(checkpoint: str | Path, meta_keys: Sequence[str] = (),
     elif "size" in cfg:
         out["sizes"] = [cfg["size"]]
     return out
+
+
+def slice_ldm_overrides(checkpoint: str | Path | None = None, autoencoder: str | Path | None = None,
+                        models_dir: str | Path | None = None) -> dict[str, Any]:
+    """``inference.json`` overrides of slice_interp_ldm for a trained diffusion checkpoint (default
+    ``MODELS/model.pt``) and its autoencoder (default ``MODELS/autoencoder.pt``), MODELS being ``models_dir`` or
+    the bundle's ``models/``: the paths, the network and the noise schedule the checkpoint was trained with.
+
+    Raises:
+        ValueError: the checkpoint is not a slice_interp_ldm diffusion checkpoint (names it and the fix).
+    """
+    from ctsynth.engine import read_checkpoint_meta
+
+    models = Path(models_dir) if models_dir else Path(bundle_root("slice_interp_ldm")) / "models"
+    ckpt = str(checkpoint or models / "model.pt")
+    meta = read_checkpoint_meta(ckpt)
+    if "scale_factor" not in meta:
+        raise ValueError(f"{ckpt}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor); "
+                         "pass the models/model.pt written by bundles/slice_interp_ldm/configs/train.json")
+    return {"checkpoint": ckpt, "autoencoder_path": str(autoencoder or models / "autoencoder.pt"),
+            **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
+
+
+def cascade_overrides(checkpoint: str | Path | None = None, models_dir: str | Path | None = None) -> dict[str, Any]:
+    """``inference.json`` overrides of cascade_xray2ct for a trained checkpoint (default ``MODELS/model.pt``,
+    MODELS being ``models_dir`` or the bundle's ``models/``): its path and the network it was trained with."""
+    models = Path(models_dir) if models_dir else Path(bundle_root("cascade_xray2ct")) / "models"
+    ckpt = str(checkpoint or models / "model.pt")
+    return {"checkpoint": ckpt, **network_overrides(ckpt)}

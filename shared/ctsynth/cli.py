@@ -42,12 +42,6 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _affine64(volume: Any) -> Any:
-    import torch
-
-    return torch.as_tensor(volume.affine, dtype=torch.float64)
-
-
 def _emit(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -266,14 +260,13 @@ class CLI:
         the bundle's models/model.pt). Writes OUT, OUT's .png preview and .json report (re-projection PSNR,
         and metrics against ``--ground-truth`` when given); ``--save-stages`` writes every stage's output.
         """
-        from ctsynth.bundles import bundle_root, network_overrides, run_bundle
+        from ctsynth.bundles import cascade_overrides, run_bundle
 
         if not xrays:
             raise ValueError("give the radiographs: ctsynth reconstruct AP LATERAL [...] --geometry G.json --out CT.nii.gz")
-        ckpt = checkpoint or str(Path(bundle_root("cascade_xray2ct")) / "models" / "model.pt")
-        overrides = {"checkpoint": ckpt, "xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
+        overrides = {"xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
                      "ground_truth": ground_truth, "save_stages": save_stages, "fov_mm": fov_mm, "preview": preview,
-                     **network_overrides(ckpt)}
+                     **cascade_overrides(checkpoint)}
         if device:
             overrides["device"] = f"$torch.device({device!r})"
         _emit(run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides)[0])
@@ -293,8 +286,7 @@ class CLI:
         The refiners work at the pixel spacing and resample to ``--spacing`` afterwards when they differ.
         """
         from ctsynth.io import load_volume, save_dicom_series, save_nifti
-        from ctsynth.slices import (fit_refiner, interpolate_slices, load_refiner, refine_volume, save_refiner,
-                                    self_supervised_pairs)
+        from ctsynth.slices import interpolate_study
 
         spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)  # --spacing is multi-valued elsewhere
         method = "self-supervised" if self_supervised else method
@@ -306,38 +298,17 @@ class CLI:
         if int(samples) > 1 and method != "ldm":
             raise ValueError(f"--samples {samples} needs --method ldm (the other methods are deterministic)")
         if method == "ldm":
-            from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_root, network_overrides, run_bundle
+            from ctsynth.bundles import run_bundle, slice_ldm_overrides
 
-            models = Path(bundle_root("slice_interp_ldm")) / "models"
-            ckpt = checkpoint or str(models / "model.pt")
-            from ctsynth.engine import read_checkpoint_meta
-
-            meta = read_checkpoint_meta(ckpt)
-            if "scale_factor" not in meta:
-                raise ValueError(f"{ckpt}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor); "
-                                 "pass the models/model.pt written by bundles/slice_interp_ldm/configs/train.json")
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
-                         "dicom_out": dicom_out, "checkpoint": ckpt, "inference_steps": int(inference_steps),
-                         "autoencoder_path": autoencoder or str(models / "autoencoder.pt"),
-                         **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
+                         "dicom_out": dicom_out, "inference_steps": int(inference_steps),
+                         **slice_ldm_overrides(checkpoint, autoencoder)}
             if device:
                 overrides["device"] = f"$torch.device({device!r})"
             _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)[0])
             return
         vol = load_volume(thick, series_uid=series_uid)
-        if method in ("cubic", "linear"):
-            result = interpolate_slices(vol, spacing_mm=spacing, mode=method)
-        else:
-            aff = _affine64(vol)
-            pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
-            up = interpolate_slices(vol, spacing_mm=pixel, mode="cubic")
-            net = load_refiner(model) if method == "refiner" else fit_refiner(self_supervised_pairs(vol), steps=steps,
-                                                                                 seed=seed)
-            if save_model and method == "self-supervised":
-                save_refiner(net, save_model, {"trained_on": str(thick), "steps": steps})
-            result = refine_volume(net, up)
-            if abs(pixel - spacing) > 1e-3:
-                result = interpolate_slices(result, spacing_mm=spacing, mode="cubic")
+        result = interpolate_study(vol, spacing, method, model=model, steps=steps, seed=seed, save_model=save_model)
         save_nifti(result, out)
         report = {"written": out, "method": method, "slices": int(result.shape[3]), "spacing_mm": spacing,
                   "input_slices": int(vol.shape[3])}

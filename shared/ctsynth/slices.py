@@ -30,7 +30,8 @@ from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
            "degrade_along", "self_supervised_pairs", "paired_pairs",
-           "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner"]
+           "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner", "STUDY_METHODS",
+           "interpolate_study"]
 
 logger = logging.getLogger(__name__)
 INTERPOLATION_MODES = ("linear", "cubic")
@@ -279,3 +280,41 @@ def load_refiner(path: str | Path) -> SliceRefiner:
     model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)))
     load_network_weights(model, path)
     return model.eval()
+
+
+#: what :func:`interpolate_study` does (``ldm`` runs the slice_interp_ldm bundle and is not among them)
+STUDY_METHODS = ("cubic", "linear", "self-supervised", "refiner")
+
+
+def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubic", model: str | Path | None = None,
+                      steps: int = 400, seed: int = 0, save_model: str | Path | None = None) -> MetaTensor:
+    """A thick-slice CT -> thin slices at ``spacing_mm`` with one of :data:`STUDY_METHODS` (what ``ctsynth
+    interpolate`` and the MONAI Deploy application run).
+
+    ``refiner`` applies a refiner saved with :func:`save_refiner` (``model``); ``self-supervised`` fits one on the
+    volume's own in-plane detail first (``steps``, ``seed``; kept at ``save_model`` when given). The refiners work
+    at the in-plane pixel spacing and resample to ``spacing_mm`` afterwards when they differ.
+
+    Args:
+        volume: (1, X, Y, Z) HU with a RAS affine, Z the thick axis.
+
+    Returns:
+        (1, X, Y, Z') HU on the thin grid.
+    """
+    if method not in STUDY_METHODS:
+        raise ValueError(f"method must be one of {STUDY_METHODS}, got {method!r}")
+    if method == "refiner" and not model:
+        raise ValueError("method 'refiner' needs a refiner file (saved by --save-model / save_refiner)")
+    if method in INTERPOLATION_MODES:
+        return interpolate_slices(volume, spacing_mm=spacing_mm, mode=method)
+    aff = torch.as_tensor(volume.affine, dtype=torch.float64)
+    pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
+    up = interpolate_slices(volume, spacing_mm=pixel, mode="cubic")
+    net = load_refiner(model) if method == "refiner" else fit_refiner(self_supervised_pairs(volume), steps=steps,
+                                                                         seed=seed)
+    if save_model and method == "self-supervised":
+        save_refiner(net, save_model, {"trained_on": str(volume.meta.get("filename_or_obj", "")), "steps": steps})
+    result = refine_volume(net, up)
+    if abs(pixel - spacing_mm) > 1e-3:
+        result = interpolate_slices(result, spacing_mm=spacing_mm, mode="cubic")
+    return result
