@@ -60,3 +60,68 @@ def monai_bundle_run(bundle: str, run_id: str, configs: Sequence[str], overrides
                          cwd=root)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
+
+
+def serve_like_monai_label(bundle: str, models_dir: Path, image: str, work: Path, overrides: Mapping) -> dict:
+    """One request through a ctsynth bundle the way monailabel 0.8.5's ``BundleInferTask`` + ``BasicInferTask``
+    handle it (monailabel cannot be imported here: its only torchvision is a CUDA build), with the settings
+    ``ctsynth.label_app`` gives the real task.
+
+    The bundle is laid out as the app finds it (``configs/``, ``scripts/``, ``models/<model_file>``); the task
+    overrides ``bundle_root`` with that folder, instantiates ``network_def``, loads ``models/<model_file>`` with the
+    ``model_state_dict`` key, runs ``preprocessing`` on ``{"image": path}``, calls ``inferer(image[None], network)``
+    and keeps item 0 as ``pred``, then ``postprocessing`` without ``SaveImaged`` (MONAI Label writes the result
+    itself). ``overrides`` play the user's edits of inference.json (network size, steps).
+    """
+    import copy
+    import shutil
+
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, SaveImaged
+
+    from ctsynth.bundles import bundle_root
+    from ctsynth.label_app import LABEL_BUNDLES, task_kwargs
+
+    spec, kw = LABEL_BUNDLES[bundle], task_kwargs()
+    path = work / bundle
+    src = Path(bundle_root(bundle, add_to_path=False))
+    shutil.copytree(src / "configs", path / "configs")
+    shutil.copytree(src / "scripts", path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(models_dir, path / "models")
+    assert (path / "configs" / "inference.json").is_file() and (path / "models" / spec.model_file).is_file()
+
+    sys.path.insert(0, str(path))
+    for mod in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[mod]
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(path / "configs" / "inference.json"))
+        parser.config.update({"bundle_root": str(path)})
+        for k, v in overrides.items():
+            parser[k] = v
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        meta = json.loads((path / "configs" / "metadata.json").read_text())
+        key_image = next(iter(meta["network_data_format"]["inputs"]))
+        key_pred = next(iter(meta["network_data_format"]["outputs"]))
+        assert (key_image, key_pred) == ("image", "pred")  # BasicInferTask's input_key / output_label_key
+
+        net = copy.deepcopy(network)
+        ckpt = torch.load(path / "models" / spec.model_file, map_location="cpu")
+        net.load_state_dict(ckpt.get(kw["model_state_dict"], ckpt), strict=kw["load_strict"])
+        net.eval()
+
+        data = {"image": image, "image_path": image}
+        pre = parser.get_parsed_content("preprocessing", instantiate=True)
+        for t in (list(pre.transforms) if isinstance(pre, Compose) else pre):
+            data = t(data)
+        inferer = parser.get_parsed_content("inferer", instantiate=True)
+        with torch.no_grad():
+            data["pred"] = inferer(data["image"][None], net)[0]
+        post = parser.get_parsed_content("postprocessing", instantiate=True)
+        for t in (list(post.transforms) if isinstance(post, Compose) else post):
+            if not isinstance(t, SaveImaged):  # BundleInferTask's default post_filter
+                data = t(data)
+        assert kw["add_post_restore"] is False  # no Restored(pred -> image grid): outputs are new volumes
+        return {"data": data, "parser": parser}
+    finally:
+        sys.path.remove(str(path))

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from conftest import monai_bundle_run
+from conftest import monai_bundle_run, serve_like_monai_label
 
 from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
@@ -189,3 +189,23 @@ def test_multi_process_training_with_torchrun(trained):
     monai_bundle_run("slice_interp_ldm", "training", ["train.json", "multi_gpu_train.json"], ddp, torchrun=True)
     last = torch.load(root / "models_ddp" / "diffusion" / "checkpoint_last.pt", weights_only=True)
     assert last["trainer"]["epoch"] == 1 and any(k.startswith("down_blocks") for k in last["network"])  # unwrapped
+
+
+def test_monai_label_contract_serves_what_the_cli_writes(trained, tmp_path):
+    """The request path of MONAI Label's BundleInferTask (see conftest.serve_like_monai_label) returns the volume
+    ``inference.json``'s own run writes for the same input and seed."""
+    root, common, over = trained
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    ckpt = root / "models" / "model.pt"
+    settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "autoencoder_args": AE, "inference_steps": 2,
+                "spacing": 2.0, "seed": 3, "codec_chunk": 16, "sampler_window": 8}
+    served = serve_like_monai_label("slice_interp_ldm", root / "models", case["thick"], tmp_path / "label", settings)
+    pred = served["data"]["pred"]
+    out = tmp_path / "cli.nii.gz"
+    run_bundle("slice_interp_ldm", ["inference.json"], "inference",
+               {**settings, "input": case["thick"], "output": str(out), "checkpoint": str(ckpt),
+                "autoencoder_path": str(root / "models" / "autoencoder.pt")})
+    expected = load_volume(out)
+    assert pred.shape == expected.shape and pred.shape[3] == (load_volume(case["thick"]).shape[3] - 1) * 10 + 1
+    assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
+    assert torch.allclose(torch.as_tensor(pred.affine).double(), torch.as_tensor(expected.affine).double(), atol=1e-4)

@@ -3,6 +3,7 @@ latent grid, AUC, and the whole chain on tiny phantoms (VQ-GAN -> diffusion thro
 PE classifier -> judged generation -> `ctsynth generate` -> LoRA fine-tuning)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 
-from conftest import monai_bundle_run
+from conftest import monai_bundle_run, serve_like_monai_label
 
 from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
 from ctsynth.cli import main as cli_main
@@ -275,3 +276,78 @@ def test_latent_shape_of_is_what_encoding_returns(volume, downsample, multiple):
     vq = VQGAN3D(1, channels, 1, num_embeddings=8, embedding_dim=4, norm_groups=2).eval()
     encoded = _diff.encode_latents(vq, torch.rand(1, 1, *volume), multiple)
     assert list(encoded.shape[-3:]) == _diff.latent_shape_of(volume, downsample, multiple)
+
+
+def test_monai_label_contract_serves_what_the_cli_writes(stage2, tmp_path):
+    """MONAI Label's request path (conftest.serve_like_monai_label, weights models/ldm.pt) on a chest X-ray gives the
+    CTPA ``inference.json``'s own run writes for the same seed."""
+    root, _ = stage2
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    ckpt = root / "models" / "ldm.pt"
+    settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "steps": 2, "guidance": 2.0, "seed": 5}
+    served = serve_like_monai_label("xray2ctpa_vqgan", root / "models", case["xray"], tmp_path / "label", settings)
+    pred = served["data"]["pred"]
+    out = tmp_path / "cli.nii.gz"
+    run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference",
+               {**settings, "input": case["xray"], "output": str(out), "checkpoint": str(ckpt),
+                "vqgan_path": str(root / "models" / "vqgan.pt")})
+    expected = load_volume(out)
+    assert tuple(pred.shape) == (1, 32, 32, 24) == tuple(expected.shape)
+    assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
+    assert served["parser"].get_parsed_content("xray_size") == 32
+
+
+def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
+    """``ctsynth bundle verify`` runs MONAI's verify_net_in_out and ckpt_export for the VQ-GAN (traced, reconstruction
+    only) and the PE classifier (scripted); the TorchScript files hold metadata.json and the configs and compute
+    what the trained networks compute."""
+    from monai.data import load_net_with_metadata
+
+    from ctsynth.bundles import verify_bundle
+    from ctsynth.engine import load_network_weights
+
+    root, _ = stage2
+    vq_over = {k: v for k, v in VQ_TINY.items() if k.startswith("network_def#")}
+    report = verify_bundle("xray2ctpa_vqgan", export_dir=tmp_path / "ts", models_dir=root / "models",
+                           overrides={"network_def": vq_over, "classifier_def": CLASSIFIER_TINY})
+    assert set(report["networks"]) == {"network_def", "classifier_def"}
+    assert "diffusion network_def (train_diffusion.json)" in report["not_exported"]
+
+    vq_mod = bundle_module("xray2ctpa_vqgan", "vqgan")
+    meta = read_checkpoint_meta(root / "models" / "vqgan.pt")
+    eager = vq_mod.VQGAN3DReconstructor(**meta["network_config"]).eval()
+    load_network_weights(eager, root / "models" / "vqgan.pt")
+    ts, ts_meta, extra = load_net_with_metadata(str(tmp_path / "ts" / "vqgan.ts"), more_extra_files=("train.json",))
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(ts(x), eager(x), atol=1e-5)
+    assert ts_meta["version"] and "vqgan_data_format" in ts_meta and "network_def" in json.loads(extra["train.json"])
+
+    from monai.networks.nets import ResNet
+
+    clf = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=3, n_input_channels=1,
+                 num_classes=1).eval()
+    load_network_weights(clf, root / "models" / "classifier.pt")
+    ts_clf, _, _ = load_net_with_metadata(str(tmp_path / "ts" / "classifier.ts"))
+    v = torch.rand(1, 1, 32, 32, 24)
+    with torch.no_grad():
+        assert torch.allclose(ts_clf(v), clf(v), atol=1e-5)
+
+    # the command line prints the same report; metadata is checked when a schema copy is given
+    from ctsynth.cli import main as cli
+
+    schema = Path(__file__).resolve().parents[2] / "shared" / "monai-schema" / "meta_schema_20240725.json"
+    if schema.is_file():
+        local = tmp_path / "schema.json"
+        local.write_text(schema.read_text())
+        capsys.readouterr()
+        cli(["bundle", "verify", "cascade_xray2ct", "--schema", str(local)])
+        out = json.loads(capsys.readouterr().out)
+        assert out["metadata"] == "valid" and out["networks"] == {} and "network_def" in out["not_exported"]
+
+    with pytest.raises(FileNotFoundError, match="classifier.pt not found"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "vqgan.pt").write_bytes((root / "models" / "vqgan.pt").read_bytes())
+        verify_bundle("xray2ctpa_vqgan", export_dir=tmp_path / "ts2", models_dir=empty,
+                      overrides={"network_def": vq_over, "classifier_def": CLASSIFIER_TINY})

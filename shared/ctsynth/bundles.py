@@ -11,11 +11,13 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "bundle_version", "pack_bundle",
-           "run_bundle", "network_overrides", "slice_ldm_overrides", "cascade_overrides"]
+           "run_bundle", "network_overrides", "slice_ldm_overrides", "cascade_overrides", "NetworkExport", "EXPORTS",
+           "NOT_EXPORTED", "verify_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +265,96 @@ def cascade_overrides(checkpoint: str | Path | None = None, models_dir: str | Pa
     models = Path(models_dir) if models_dir else Path(bundle_root("cascade_xray2ct")) / "models"
     ckpt = str(checkpoint or models / "model.pt")
     return {"checkpoint": ckpt, **network_overrides(ckpt)}
+
+
+@dataclass(frozen=True)
+class NetworkExport:
+    """A network of a bundle that MONAI's ``verify_net_in_out`` and ``ckpt_export`` handle (one tensor in, one out).
+
+    Attributes:
+        configs: config files (in ``configs/``) defining ``net_id``, merged in order.
+        net_id: the network's config id.
+        data_format: the ``metadata.json`` entry describing its input ``image`` and output ``pred``
+            (``network_data_format`` describes the bundle's whole inference, which may chain several networks).
+        checkpoint: its weights in ``models/`` (ctsynth checkpoints keep the state dict under ``"network"``).
+        use_trace: TorchScript by tracing (``torch.jit.trace``) rather than scripting.
+        overrides: config overrides that make the network exportable (same weights).
+    """
+
+    configs: tuple[str, ...]
+    net_id: str
+    data_format: str
+    checkpoint: str
+    use_trace: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+#: the networks each bundle exports (see docs/README.md of each bundle for the others and why)
+EXPORTS: dict[str, tuple[NetworkExport, ...]] = {
+    "cascade_xray2ct": (),
+    "slice_interp_ldm": (),
+    "xray2ctpa_vqgan": (
+        NetworkExport(("train.json",), "network_def", "vqgan_data_format", "vqgan.pt", use_trace=True,
+                      overrides={"network_def#_target_": "scripts.vqgan.VQGAN3DReconstructor"}),
+        NetworkExport(("train_classifier.json",), "classifier_def", "classifier_data_format", "classifier.pt"),
+    ),
+}
+#: networks that are not exported, and why
+NOT_EXPORTED: dict[str, dict[str, str]] = {
+    "cascade_xray2ct": {"network_def": "forward takes per-study acquisition geometries (Python objects) besides the "
+                                       "radiographs, so neither scripting nor tracing one tensor captures it"},
+    "slice_interp_ldm": {"network_def": "the denoiser takes a noisy latent, the timestep and the thick-latent "
+                                        "conditioning (three inputs) and runs inside a DDIM loop",
+                         "autoencoder": "the MAISI autoencoder is a frozen third-party network; its forward returns "
+                                        "(reconstruction, mean, sigma) and its tiled convolutions do not script"},
+    "xray2ctpa_vqgan": {"diffusion network_def (train_diffusion.json)": "takes latent, timestep and X-ray (three "
+                                                                        "inputs) and runs inside a DDIM loop"},
+}
+
+
+def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str | Path | None = None,
+                  models_dir: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """MONAI's checks of bundle ``name``: ``verify_metadata`` against ``schema`` (a local copy of MONAI's metadata
+    schema; skipped without one, since fetching it needs the internet), ``verify_net_in_out`` of every network in
+    :data:`EXPORTS`, and with ``export_dir`` their ``ckpt_export`` to ``EXPORT_DIR/<checkpoint stem>.ts``
+    (TorchScript with metadata.json and the configs embedded) from ``MODELS/<checkpoint>``.
+
+    Args:
+        overrides: per ``net_id``, config overrides (e.g. the sizes of a small trained network).
+
+    Returns:
+        What was checked, per network: ``verified`` and the ``exported`` file.
+    """
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+    root = Path(bundle_root(name))
+    meta_file = root / "configs" / "metadata.json"
+    import json
+
+    meta = json.loads(meta_file.read_text())
+    report: dict[str, Any] = {"bundle": name, "metadata": "skipped: pass --schema (a local copy of MONAI's schema)",
+                              "networks": {}, "not_exported": NOT_EXPORTED.get(name, {})}
+    if schema is not None:
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema))
+        report["metadata"] = "valid"
+    models = Path(models_dir) if models_dir else root / "models"
+    for ex in EXPORTS[name]:
+        if ex.data_format not in meta:
+            raise KeyError(f"{meta_file} lacks {ex.data_format!r}, the input/output description of {ex.net_id}")
+        files = [str(root / "configs" / c) for c in ex.configs]
+        over = {**dict((overrides or {}).get(ex.net_id, {})), **ex.overrides,
+                "_meta_#network_data_format": meta[ex.data_format]}
+        verify_net_in_out(net_id=ex.net_id, meta_file=str(meta_file), config_file=files, device=device, n=2, **over)
+        entry: dict[str, Any] = {"verified": True}
+        if export_dir is not None:
+            ckpt = models / ex.checkpoint
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"{ckpt} not found: train the network first (or pass --models_dir)")
+            out = Path(export_dir) / f"{Path(ex.checkpoint).stem}.ts"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ckpt_export(net_id=ex.net_id, filepath=str(out), ckpt_file=str(ckpt), meta_file=str(meta_file),
+                        config_file=files, key_in_ckpt="network", use_trace=ex.use_trace, **over)
+            entry["exported"] = str(out)
+        report["networks"][ex.net_id] = entry
+    return report

@@ -236,6 +236,17 @@ class BundleCommands:
         _emit({"written": str(path), "bytes": path.stat().st_size, "url": path.resolve().as_uri()})
 
 
+    def verify(self, name: str, schema: str | None = None, export: str | None = None, models_dir: str | None = None,
+               device: str = "cpu") -> None:
+        """MONAI's bundle checks of NAME: ``verify_metadata`` against ``--schema`` (a local copy of MONAI's metadata
+        schema), ``verify_net_in_out`` of each exportable network and, with ``--export DIR``, their ``ckpt_export``
+        to TorchScript (metadata and configs embedded) from the weights in ``--models-dir`` (default the bundle's
+        models/). Prints what was checked and which networks are not exported, with the reason."""
+        from ctsynth.bundles import verify_bundle
+
+        _emit(verify_bundle(name, schema=schema, export_dir=export, models_dir=models_dir, device=device))
+
+
 class CLI:
     """ctsynth: synthesise CT where a full scan is missing."""
 

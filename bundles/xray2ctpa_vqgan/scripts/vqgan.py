@@ -22,7 +22,7 @@ from torch import nn
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
-__all__ = ["VQGAN3D", "PatchwiseVQGAN"]
+__all__ = ["VQGAN3D", "VQGAN3DReconstructor", "PatchwiseVQGAN"]
 
 
 class _Norm(nn.GroupNorm):
@@ -143,6 +143,19 @@ class VQGAN3D(nn.Module):
         """Usage (%) and perplexity of ``indices``."""
         n = self.quantizer.num_embeddings
         return {"codebook_usage_pct": 100.0 * codebook_usage(indices, n), "perplexity": codebook_perplexity(indices, n)}
+
+
+class VQGAN3DReconstructor(VQGAN3D):
+    """:class:`VQGAN3D` whose ``forward`` returns the reconstruction only: the same weights and settings, one tensor
+    in and one out, as ``verify_net_in_out``, ``ckpt_export`` (TorchScript by tracing) and servers expect.
+
+    Shapes:
+        forward(x (B, C, X, Y, Z), sizes divisible by :attr:`downsample`) -> reconstruction (B, C, X, Y, Z).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q, _, _ = self.encode(x)
+        return self.decode(q)
 
 
 class PatchwiseVQGAN:

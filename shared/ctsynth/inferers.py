@@ -1,0 +1,68 @@
+"""A MONAI :class:`~monai.inferers.Inferer` over a bundle's sampler, so servers that drive bundles through
+``preprocessing`` -> ``inferer(inputs, network)`` -> ``postprocessing`` (MONAI Label's ``BundleInferTask``, MONAI
+Deploy's bundle operator) run the diffusion bundles without knowing they sample.
+
+The bundles' ``inference.json`` wire it as ``"inferer": {"_target_": "ctsynth.inferers.SynthesisInferer",
+"synthesiser": "@interpolator", ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from torch import nn
+
+__all__ = ["Synthesiser", "SynthesisInferer"]
+
+
+class Synthesiser(Protocol):
+    """What :class:`SynthesisInferer` drives: ``scripts.inference.SliceInterpolator`` (slice_interp_ldm),
+    ``scripts.generate.CTPAGenerator`` (xray2ctpa_vqgan)."""
+
+    network: nn.Module
+    sampler: Any
+
+    def __call__(self, x: torch.Tensor, **kwargs: Any) -> tuple[MetaTensor, MetaTensor | None]: ...
+
+
+class SynthesisInferer(Inferer):
+    """``inferer(inputs, network)`` -> the synthesised volumes, one per batch item.
+
+    Args:
+        synthesiser: the bundle's sampler object (see :class:`Synthesiser`).
+        kwargs: passed to the synthesiser per item (e.g. ``spacing_mm``, ``samples``, ``seed``).
+
+    ``inputs`` is (B, C, ...) as servers batch one preprocessed image (MetaTensor with its affine where the
+    synthesiser needs one: slice interpolation reads the slice spacing from it). ``network``, when given, is used
+    for this call instead of the synthesiser's own copy (servers load and place their own; same weights).
+
+    Returns:
+        (B, 1, X, Y, Z) MetaTensor in HU (the mean over ``samples``), each item with its own affine.
+    """
+
+    def __init__(self, synthesiser: Synthesiser, **kwargs: Any) -> None:
+        super().__init__()
+        self.synthesiser = synthesiser
+        self.kwargs = kwargs
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module | None = None, *args: Any, **kwargs: Any) -> MetaTensor:
+        if inputs.ndim < 3:
+            raise ValueError(f"expected batched inputs (B, C, ...), got {tuple(inputs.shape)}")
+        synth = self.synthesiser
+        own = synth.sampler.network
+        if network is not None:
+            synth.sampler.network = network
+        try:
+            outs = [synth(inputs[i], **{**self.kwargs, **kwargs})[0] for i in range(inputs.shape[0])]
+        finally:
+            synth.sampler.network = own
+        if len({tuple(o.shape) for o in outs}) > 1:
+            raise ValueError(f"batch items gave different output shapes {[tuple(o.shape) for o in outs]}; run them "
+                             "one at a time")
+        batch = MetaTensor(torch.stack([o.as_tensor() for o in outs]))
+        batch.affine = torch.stack([torch.as_tensor(o.affine) for o in outs])
+        batch.is_batch = True
+        return batch
