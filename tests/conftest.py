@@ -15,6 +15,20 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--nightly", action="store_true", default=False,
+                     help="also run the tests marked nightly (every bundle's demo against its metadata floor)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--nightly") or os.environ.get("CTSYNTH_NIGHTLY") == "1":
+        return
+    skip = pytest.mark.skip(reason="nightly: run with --nightly (or CTSYNTH_NIGHTLY=1)")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -149,6 +149,7 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 40, sizes: Sequence[
 
     s1 = {m: pick(1, m) for m in ("cascade", "mean_volume", "backprojection")}
     checks = {
+        "stage1_psnr_db": s1["cascade"]["psnr"], "final_stage_psnr_db": pick(max(e["stage"] for e in report["summary"]), "cascade")["psnr"],
         "stage1_minus_mean_volume_db": s1["cascade"]["psnr"] - s1["mean_volume"]["psnr"],
         "stage1_beats_mean_volume_by_3db": s1["cascade"]["psnr"] - s1["mean_volume"]["psnr"] >= 3.0,
         "stage1_beats_backprojection": s1["cascade"]["psnr"] > s1["backprojection"]["psnr"],
@@ -251,6 +252,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     cubic = pick("cubic")["psnr"]
     gains = {m: pick(m)["psnr"] - cubic for m in ("ldm", "refiner", "self_supervised", "vae_ceiling", "linear")}
     checks = {f"{m}_minus_cubic_db": g for m, g in gains.items()}
+    checks.update({f"{m}_psnr_db": pick(m)["psnr"] for m in ("cubic", "ldm", "refiner")})
     checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in ("ldm", "refiner", "self_supervised")})
     summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
                "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"], "inference": infer,
