@@ -112,6 +112,11 @@ def test_pack_download_and_run_from_the_downloaded_bundle(xray_dataset, tmp_path
     meta = read_checkpoint_meta(fetched / "models" / "model.pt")
     assert meta["stage"] == 1 and meta["network_config"]["sizes"] == SIZES
     assert (fetched / "eval" / "stage1" / "history.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(fetched / "eval" / "stage1"))
+    tb.Reload()  # scalars and the tri-planar validation image of every epoch
+    assert "val_triplanar" in tb.Tags()["images"] and {"loss", "val_psnr"} <= set(tb.Tags()["scalars"])
 
     case = json.loads((xray_dataset / "data" / "datalist.json").read_text())["test"][0]
     out = tmp_path / "ct.nii.gz"

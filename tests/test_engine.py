@@ -303,3 +303,40 @@ def test_adversarial_terms_warm_up_and_update_the_discriminator():
     before = [p.detach().clone() for p in d.parameters()]
     d_loss = adv.discriminator_step(engine, fake.detach(), real)
     assert d_loss > 0 and any(not torch.equal(b, p) for b, p in zip(before, d.parameters()))
+
+
+def test_triplanar_grid_places_the_central_slices():
+    from ctsynth.plots import triplanar_grid
+
+    vol = torch.zeros(4, 6, 8)
+    vol[2, :, :] = 1.0  # the sagittal plane x = 2 (x mid of 4)
+    grid = triplanar_grid([vol, torch.ones(1, 4, 6, 8)])
+    # panels are (height, width) = axial (Y, X), coronal (Z, X), sagittal (Z, Y), padded to (8, 6), centred
+    assert grid.shape == (1, 2 * 8, 3 * 6)
+    top = grid[0, :8]
+    assert float(top[:, 12:18].mean()) == 1.0  # sagittal panel: the whole Y x Z plane x = 2 is lit
+    axial, coronal = top[:, 0:6], top[:, 6:12]
+    assert float(axial.sum()) == 6.0 and float(axial[1:7, 1 + 2].sum()) == 6.0  # column x = 2, rows y = 0..5
+    assert float(coronal.sum()) == 8.0 and float(coronal[:, 1 + 2].sum()) == 8.0
+    assert float(grid[0, 8:].max()) == 1.0 and float(grid.min()) == 0.0
+    with pytest.raises(ValueError, match="expected 3D volumes"):
+        triplanar_grid([torch.zeros(3, 4)])
+
+
+def test_triplanar_image_handler_writes_tensorboard_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ctsynth.engine import TriplanarImageHandler
+
+    target = torch.rand(1, 1, 8, 8, 8)
+    evaluator = Engine(lambda e, b: {"pred": target * 0.5, "label": target})
+    TriplanarImageHandler(tmp_path / "tb").attach(evaluator)
+    classifier = Engine(lambda e, b: {"pred": torch.zeros(1, 1), "label": torch.zeros(1, 1)})
+    TriplanarImageHandler(tmp_path / "tb_cls").attach(classifier)  # logits: nothing to show, no error
+    evaluator.run([0], max_epochs=2)
+    classifier.run([0], max_epochs=1)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    images = acc.Images("val_triplanar")
+    assert [im.step for im in images] == [1, 2] and images[0].width == 24 and images[0].height == 24  # 3 x 3 panels
+    assert not (tmp_path / "tb_cls").exists()

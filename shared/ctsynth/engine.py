@@ -36,7 +36,7 @@ __all__ = [
     "atomic_torch_save", "is_rank_zero", "init_distributed", "wrap_distributed", "unwrap", "trainable_parameters",
     "amp_settings", "engine_amp", "engine_autocast", "NonFiniteLossError", "optimisation_step", "read_checkpoint_meta",
     "load_network_weights", "rng_state", "set_rng_state", "CheckpointManager",
-    "TrainingHistory", "ProgressBar", "VolumeMetric", "loss_output",
+    "TrainingHistory", "ProgressBar", "VolumeMetric", "loss_output", "TriplanarImageHandler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -420,6 +420,60 @@ class CheckpointManager:
             return
         atomic_torch_save(torch.load(self.best_path, map_location="cpu", weights_only=True), self.publish_path)
         logger.info("published %s -> %s", self.best_path, self.publish_path)
+
+
+class TriplanarImageHandler:
+    """Writes the validation's last target, prediction and absolute error as one tri-planar image to TensorBoard
+    (tag ``tag``, step = the training epoch) after every validation run (rank 0).
+
+    Attach to the evaluator (a ``val_handlers`` entry). ``output_transform`` maps ``engine.state.output`` to
+    (prediction, target) batches (B, 1, X, Y, Z) on the network's intensity scale; ``window`` is that scale's
+    display range (default [0, 1]).
+    """
+
+    def __init__(self, log_dir: str | Path, tag: str = "val_triplanar", window: Sequence[float] = (0.0, 1.0),
+                 output_transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.log_dir, self.tag, self.window = str(log_dir), tag, (float(window[0]), float(window[1]))
+        self.output_transform = output_transform or _pred_label
+        self._writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, self._flush)
+
+    def _write(self, engine: Engine) -> None:
+        if not is_rank_zero() or engine.state.output is None:
+            return
+        pred, target = self.output_transform(engine.state.output)
+        if pred is None or target is None or pred.ndim != 5 or target.ndim != 5:
+            return  # not volumes (e.g. a classifier's logits): nothing to show
+        from ctsynth.plots import triplanar_grid
+
+        p, t = pred[0, :1].detach().float(), target[0, :1].detach().float()
+        img = triplanar_grid([t, p, (p - t).abs()], *self.window)
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        self._writer.add_image(self.tag, img, global_step=int(engine.state.epoch))
+        self._writer.flush()
+
+    def _flush(self, engine: Engine) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def _pred_label(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(pred, label) of an evaluator's output: a dict, or the first item of a decollated list."""
+    if isinstance(output, list) and output:
+        items = [o for o in output if isinstance(o, Mapping)]
+        if not items:
+            return None, None
+        pred, label = items[0].get("pred"), items[0].get("label")
+        return (pred[None] if pred is not None else None), (label[None] if label is not None else None)
+    if isinstance(output, Mapping):
+        return output.get("pred"), output.get("label")
+    return None, None
 
 
 class TrainingHistory:

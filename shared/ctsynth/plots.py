@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_image_png", "save_triplanar_png", "save_reformat_png", "save_curves_png"]
+__all__ = ["save_image_png", "save_triplanar_png", "save_reformat_png", "save_curves_png", "triplanar_grid"]
 
 
 def _save_figure(fig, path: str | Path) -> Path:
@@ -151,3 +151,42 @@ def save_reformat_png(volumes: Mapping[str, object], path: str | Path, spacing_m
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
+
+
+def _fit(img: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Pads a 2D image with zeros to (rows, cols), centred."""
+    out = img.new_zeros(rows, cols)
+    r0, c0 = (rows - img.shape[0]) // 2, (cols - img.shape[1]) // 2
+    out[r0:r0 + img.shape[0], c0:c0 + img.shape[1]] = img
+    return out
+
+
+def triplanar_grid(volumes: Sequence[torch.Tensor], vmin: float = 0.0, vmax: float = 1.0) -> torch.Tensor:
+    """The central axial, coronal and sagittal slices of each volume as one grayscale image (no matplotlib: for
+    TensorBoard every validation epoch).
+
+    Row ``i`` holds volume ``i``; columns are the axial (z mid), coronal (y mid) and sagittal (x mid) slices, each
+    shown with the superior / anterior direction up (index 0 of x, y, z is right, posterior, inferior in RAS).
+
+    Args:
+        volumes: (X, Y, Z) tensors, or with leading singleton dims (e.g. (1, X, Y, Z)); sizes may differ.
+        vmin / vmax: intensity window mapped to [0, 1] (clipped).
+
+    Returns:
+        (1, rows, cols) float tensor in [0, 1] (TensorBoard's CHW layout).
+    """
+    planes = []
+    for v in volumes:
+        v = torch.as_tensor(v).detach().float().cpu()
+        while v.ndim > 3 and v.shape[0] == 1:
+            v = v[0]
+        if v.ndim != 3:
+            raise ValueError(f"expected 3D volumes, got shape {tuple(v.shape)}")
+        x, y, z = (s // 2 for s in v.shape)
+        planes.append([v[:, :, z].T.flip(0), v[:, y, :].T.flip(0), v[x, :, :].T.flip(0)])
+    if not planes:
+        raise ValueError("no volumes given")
+    rows = max(p.shape[0] for row in planes for p in row)
+    cols = max(p.shape[1] for row in planes for p in row)
+    grid = torch.cat([torch.cat([_fit(p, rows, cols) for p in row], 1) for row in planes], 0)
+    return ((grid - vmin) / max(vmax - vmin, 1e-12)).clamp(0, 1)[None]
