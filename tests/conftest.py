@@ -139,3 +139,31 @@ def serve_like_monai_label(bundle: str, models_dir: Path, image: str, work: Path
         return {"data": data, "parser": parser}
     finally:
         sys.path.remove(str(path))
+
+
+def served_and_written(bundle: str, models_dir: Path, image: str, work: Path, settings: Mapping,
+                       weights: Mapping) -> tuple:
+    """(MONAI Label's prediction for ``image``, the volume ``inference.json``'s own run writes for it, the served
+    config parser), both with ``settings``; ``weights`` are the run's weight-path overrides."""
+    from ctsynth.bundles import run_bundle
+    from ctsynth.io import load_volume
+
+    served = serve_like_monai_label(bundle, models_dir, image, work / "label", settings)
+    out = work / "written.nii.gz"
+    run_bundle(bundle, ["inference.json"], "inference", {**settings, **weights, "input": image, "output": str(out)})
+    return served["data"]["pred"], load_volume(out), served["parser"]
+
+
+def phantom_xray2ct_dataset(root: Path, n: int, side: int, spacing_mm: float, sizes: Sequence[int], xray_size: int,
+                            fractions: Sequence[float], seed: int) -> Path:
+    """``n`` thorax phantoms (side^3 voxels of ``spacing_mm``) prepared for cascade_xray2ct under ``root/data``."""
+    from ctsynth.io import save_nifti
+    from ctsynth.phantoms import thorax_phantom
+    from ctsynth.prepare import prepare_xray2ct
+
+    for i in range(n):
+        vol, _ = thorax_phantom((side,) * 3, spacing_mm, seed=seed + i)
+        save_nifti(vol, root / "ct" / f"p{i}.nii.gz")
+    prepare_xray2ct(str(root / "ct" / "*.nii.gz"), root / "data", views=2, sizes=list(sizes), xray_size=xray_size,
+                    fractions=tuple(fractions))
+    return root

@@ -8,14 +8,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import monai_bundle_run
+from conftest import monai_bundle_run, phantom_xray2ct_dataset
 
 from ctsynth.bundles import bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
-from ctsynth.io import load_volume, save_nifti
-from ctsynth.phantoms import thorax_phantom
-from ctsynth.prepare import prepare_xray2ct
+from ctsynth.io import load_volume
 
 ROOT = Path(bundle_root("cascade_xray2ct"))
 CONFIGS = ROOT / "configs"
@@ -29,13 +27,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cascade")
-    for i in range(6):
-        vol, _ = thorax_phantom((48, 48, 48), 8.0, seed=200 + i)
-        save_nifti(vol, root / "ct" / f"p{i}.nii.gz")
-    prepare_xray2ct(str(root / "ct" / "*.nii.gz"), root / "data", views=2, sizes=SIZES, xray_size=48,
-                    fractions=(0.6, 0.2, 0.2))
-    return root
+    return phantom_xray2ct_dataset(tmp_path_factory.mktemp("cascade"), 6, 48, 8.0, SIZES, 48, (0.6, 0.2, 0.2), 200)
 
 
 def _dirs(root, name="models"):

@@ -114,17 +114,12 @@ def test_settings_from_env():
 def xray_study(tmp_path_factory):
     """A tiny stage-1 cascade trained in a temporary models folder, and one test study laid out as the app reads
     it (geometry.json + radiographs whose names sort in view order)."""
+    from conftest import phantom_xray2ct_dataset
     from test_ecosystem import SIZES, TINY
 
     from ctsynth.bundles import run_bundle
-    from ctsynth.prepare import prepare_xray2ct
 
-    root = tmp_path_factory.mktemp("deploy_xray")
-    for i in range(4):
-        vol, _ = thorax_phantom((32, 32, 32), 12.0, seed=400 + i)
-        save_nifti(vol, root / "ct" / f"p{i}.nii.gz")
-    prepare_xray2ct(str(root / "ct" / "*.nii.gz"), root / "data", views=2, sizes=SIZES, xray_size=32,
-                    fractions=(0.5, 0.25, 0.25))
+    root = phantom_xray2ct_dataset(tmp_path_factory.mktemp("deploy_xray"), 4, 32, 12.0, SIZES, 32, (0.5, 0.25, 0.25), 400)
     run_bundle("cascade_xray2ct", ["train.json"], "training",
                {**TINY, "dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
                 "output_dir": str(root / "eval")})

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import phantom_xray2ct_dataset
+
 from ctsynth.bundles import BUNDLES, _config_file_bundles, bundle_root, bundle_version, pack_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
-from ctsynth.io import load_volume, save_nifti
-from ctsynth.phantoms import thorax_phantom
-from ctsynth.prepare import prepare_xray2ct
+from ctsynth.io import load_volume
 
 SIZES = [16, 32]
 TINY = {
@@ -85,13 +85,7 @@ def test_pack_holds_the_bundle_without_run_outputs(bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def xray_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eco")
-    for i in range(4):
-        vol, _ = thorax_phantom((32, 32, 32), 12.0, seed=300 + i)
-        save_nifti(vol, root / "ct" / f"p{i}.nii.gz")
-    prepare_xray2ct(str(root / "ct" / "*.nii.gz"), root / "data", views=2, sizes=SIZES, xray_size=32,
-                    fractions=(0.5, 0.25, 0.25))
-    return root
+    return phantom_xray2ct_dataset(tmp_path_factory.mktemp("eco"), 4, 32, 12.0, SIZES, 32, (0.5, 0.25, 0.25), 300)
 
 
 def test_pack_download_and_run_from_the_downloaded_bundle(xray_dataset, tmp_path):

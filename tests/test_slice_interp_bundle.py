@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from conftest import monai_bundle_run, serve_like_monai_label
+from conftest import monai_bundle_run, served_and_written
 
 from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, bundle_root, network_overrides, run_bundle
 from ctsynth.cli import main
@@ -199,13 +199,9 @@ def test_monai_label_contract_serves_what_the_cli_writes(trained, tmp_path):
     ckpt = root / "models" / "model.pt"
     settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "autoencoder_args": AE, "inference_steps": 2,
                 "spacing": 2.0, "seed": 3, "codec_chunk": 16, "sampler_window": 8}
-    served = serve_like_monai_label("slice_interp_ldm", root / "models", case["thick"], tmp_path / "label", settings)
-    pred = served["data"]["pred"]
-    out = tmp_path / "cli.nii.gz"
-    run_bundle("slice_interp_ldm", ["inference.json"], "inference",
-               {**settings, "input": case["thick"], "output": str(out), "checkpoint": str(ckpt),
-                "autoencoder_path": str(root / "models" / "autoencoder.pt")})
-    expected = load_volume(out)
+    pred, expected, _ = served_and_written("slice_interp_ldm", root / "models", case["thick"], tmp_path, settings,
+                                           {"checkpoint": str(ckpt),
+                                            "autoencoder_path": str(root / "models" / "autoencoder.pt")})
     assert pred.shape == expected.shape and pred.shape[3] == (load_volume(case["thick"]).shape[3] - 1) * 10 + 1
     assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
     assert torch.allclose(torch.as_tensor(pred.affine).double(), torch.as_tensor(expected.affine).double(), atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 
-from conftest import monai_bundle_run, serve_like_monai_label
+from conftest import monai_bundle_run, served_and_written
 
 from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
 from ctsynth.cli import main as cli_main
@@ -285,16 +285,11 @@ def test_monai_label_contract_serves_what_the_cli_writes(stage2, tmp_path):
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     ckpt = root / "models" / "ldm.pt"
     settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "steps": 2, "guidance": 2.0, "seed": 5}
-    served = serve_like_monai_label("xray2ctpa_vqgan", root / "models", case["xray"], tmp_path / "label", settings)
-    pred = served["data"]["pred"]
-    out = tmp_path / "cli.nii.gz"
-    run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference",
-               {**settings, "input": case["xray"], "output": str(out), "checkpoint": str(ckpt),
-                "vqgan_path": str(root / "models" / "vqgan.pt")})
-    expected = load_volume(out)
+    pred, expected, parser = served_and_written("xray2ctpa_vqgan", root / "models", case["xray"], tmp_path, settings,
+                                                {"checkpoint": str(ckpt), "vqgan_path": str(root / "models" / "vqgan.pt")})
     assert tuple(pred.shape) == (1, 32, 32, 24) == tuple(expected.shape)
     assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
-    assert served["parser"].get_parsed_content("xray_size") == 32
+    assert parser.get_parsed_content("xray_size") == 32
 
 
 def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
