@@ -7,6 +7,7 @@ import however the config is parsed, also in a process serving several bundles.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -98,8 +99,6 @@ def bundle_module(name: str, module: str) -> Any:
 
 def bundle_version(name: str) -> str:
     """The ``version`` in bundle ``name``'s ``configs/metadata.json``."""
-    import json
-
     meta = Path(bundle_root(name, add_to_path=False)) / "configs" / "metadata.json"
     return str(json.loads(meta.read_text())["version"])
 
@@ -330,8 +329,6 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
 
     root = Path(bundle_root(name))
     meta_file = root / "configs" / "metadata.json"
-    import json
-
     meta = json.loads(meta_file.read_text())
     report: dict[str, Any] = {"bundle": name, "metadata": "skipped: pass --schema (a local copy of MONAI's schema)",
                               "networks": {}, "not_exported": NOT_EXPORTED.get(name, {})}
