@@ -167,3 +167,26 @@ def phantom_xray2ct_dataset(root: Path, n: int, side: int, spacing_mm: float, si
     prepare_xray2ct(str(root / "ct" / "*.nii.gz"), root / "data", views=2, sizes=list(sizes), xray_size=xray_size,
                     fractions=tuple(fractions))
     return root
+
+
+#: a cascade small enough to train a stage in seconds on 32^3 phantoms (grids 16 and 32)
+CASCADE_TINY_SIZES = [16, 32]
+CASCADE_TINY = {
+    "sizes": CASCADE_TINY_SIZES, "num_workers": 0, "network_def#encoder_channels": [4, 8, 8], "network_def#hidden": 16,
+    "network_def#depth": [1, 1], "network_def#heads": [2, 2], "network_def#patch": [4, 8],
+    "network_def#stem_channels": 4, "network_def#xray_token_grid": 4, "batch_size": 2, "epochs": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory) -> Path:
+    """Four 32^3 phantoms prepared for cascade_xray2ct (``data/``) and a stage-1 cascade trained on them
+    (``models/model.pt``)."""
+    from ctsynth.bundles import run_bundle
+
+    root = phantom_xray2ct_dataset(tmp_path_factory.mktemp("tiny_cascade"), 4, 32, 12.0, CASCADE_TINY_SIZES, 32,
+                                   (0.5, 0.25, 0.25), 400)
+    run_bundle("cascade_xray2ct", ["train.json"], "training",
+               {**CASCADE_TINY, "dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
+                "output_dir": str(root / "eval")})
+    return root

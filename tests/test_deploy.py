@@ -111,20 +111,12 @@ def test_settings_from_env():
 
 
 @pytest.fixture(scope="module")
-def xray_study(tmp_path_factory):
-    """A tiny stage-1 cascade trained in a temporary models folder, and one test study laid out as the app reads
-    it (geometry.json + radiographs whose names sort in view order)."""
-    from conftest import phantom_xray2ct_dataset
-    from test_ecosystem import SIZES, TINY
-
-    from ctsynth.bundles import run_bundle
-
-    root = phantom_xray2ct_dataset(tmp_path_factory.mktemp("deploy_xray"), 4, 32, 12.0, SIZES, 32, (0.5, 0.25, 0.25), 400)
-    run_bundle("cascade_xray2ct", ["train.json"], "training",
-               {**TINY, "dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
-                "output_dir": str(root / "eval")})
+def xray_study(tiny_cascade, tmp_path_factory):
+    """The tiny stage-1 cascade, and one test study laid out as the app reads it (geometry.json + radiographs
+    whose names sort in view order)."""
+    root = tiny_cascade
     case = json.loads((root / "data" / "datalist.json").read_text())["test"][0]
-    study = root / "study"
+    study = tmp_path_factory.mktemp("deploy_study") / "study"
     study.mkdir()
     for k, x in enumerate(case["xrays"]):
         shutil.copy(root / "data" / x, study / f"{k}_{Path(x).name}")

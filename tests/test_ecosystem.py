@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import phantom_xray2ct_dataset
+from conftest import CASCADE_TINY, CASCADE_TINY_SIZES, phantom_xray2ct_dataset
 
 from ctsynth.bundles import BUNDLES, _config_file_bundles, bundle_root, bundle_version, pack_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_volume
 
-SIZES = [16, 32]
-TINY = {
-    "sizes": SIZES, "num_workers": 0, "network_def#encoder_channels": [4, 8, 8], "network_def#hidden": 16,
-    "network_def#depth": [1, 1], "network_def#heads": [2, 2], "network_def#patch": [4, 8],
-    "network_def#stem_channels": 4, "network_def#xray_token_grid": 4, "batch_size": 2, "epochs": 1,
-}
+SIZES, TINY = CASCADE_TINY_SIZES, CASCADE_TINY
 
 
 def _monai_bundle(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -179,3 +174,35 @@ def test_pack_publishes_trained_weights_and_download_large_files_fetches_them(tm
 def test_pack_errors():
     with pytest.raises(ValueError, match="unknown bundle"):
         pack_bundle("nope", "/tmp")
+
+
+def test_cascade_verified_and_exported_for_one_geometry(tiny_cascade, tmp_path):
+    """``ctsynth bundle verify cascade_xray2ct --geometry G`` checks and traces a FixedGeometryCascade: the
+    TorchScript file reconstructs what the cascade does for that geometry; without --geometry it says what to give."""
+    from monai.data import load_net_with_metadata
+
+    from ctsynth.bundles import bundle_module, network_overrides, verify_bundle
+    from ctsynth.engine import load_network_weights
+    from ctsynth.geometry import ProjectionGeometry, cube_affine
+    from ctsynth.transforms import load_radiographs, normalize_radiograph
+
+    ckpt = tiny_cascade / "models" / "model.pt"
+    case = json.loads((tiny_cascade / "data" / "datalist.json").read_text())["test"][0]
+    geometry = str(tiny_cascade / "data" / case["geometry"])
+    over = {"network_def": network_overrides(ckpt)["network_def"]}
+    assert verify_bundle("cascade_xray2ct")["networks"]["network_def"] == {
+        "skipped": "give --geometry to check and export it"}
+    report = verify_bundle("cascade_xray2ct", export_dir=tmp_path, models_dir=tiny_cascade / "models",
+                           overrides={"network_def": over}, settings={"geometry": geometry})
+    assert report["networks"]["network_def"]["exported"] == str(tmp_path / "model.ts")
+
+    ts, meta, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    net = bundle_module("cascade_xray2ct", "network").ProgressiveCascade(**read_checkpoint_meta(ckpt)["network_config"])
+    load_network_weights(net, ckpt)
+    net.eval()
+    xrays = normalize_radiograph(load_radiographs([tiny_cascade / "data" / x for x in case["xrays"]]))[None]
+    fov, center, _ = bundle_module("cascade_xray2ct", "inference").reconstruction_grid(geometry)
+    with torch.no_grad():
+        expected = net(xrays, ProjectionGeometry.load_json(geometry), cube_affine(SIZES[0], fov, center))[-1]
+        assert torch.allclose(ts(xrays), expected, atol=1e-5)
+    assert meta["fixed_geometry_data_format"]["inputs"]["image"]["num_channels"] == 2

@@ -205,3 +205,17 @@ def test_monai_label_contract_serves_what_the_cli_writes(trained, tmp_path):
     assert pred.shape == expected.shape and pred.shape[3] == (load_volume(case["thick"]).shape[3] - 1) * 10 + 1
     assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
     assert torch.allclose(torch.as_tensor(pred.affine).double(), torch.as_tensor(expected.affine).double(), atol=1e-4)
+
+
+def test_denoiser_passes_verify_net_in_out(trained):
+    """MONAI's verify_net_in_out on the trained denoiser (input: noisy + conditioning latents, and the timestep)."""
+    from ctsynth.bundles import verify_bundle
+
+    root, _, _ = trained
+    over = {"network_def": network_overrides(root / "models" / "model.pt")["network_def"]}
+    report = verify_bundle("slice_interp_ldm", overrides={"network_def": over})
+    assert report["networks"] == {"network_def": {"verified": True}}
+    assert set(report["not_exported"]) == {"network_def", "autoencoder"}
+    bad = {**over, "_meta_#network_data_format#outputs#pred#num_channels": 3}
+    with pytest.raises(ValueError, match="output channel number"):
+        verify_bundle("slice_interp_ldm", overrides={"network_def": bad})

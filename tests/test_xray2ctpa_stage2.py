@@ -303,10 +303,19 @@ def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
 
     root, _ = stage2
     vq_over = {k: v for k, v in VQ_TINY.items() if k.startswith("network_def#")}
+    ldm = root / "models" / "ldm.pt"
+    ldm_over = {"network_def": network_overrides(ldm)["network_def"],
+                "_meta_#network_data_format#inputs#image#num_channels": VQ_TINY["network_def#embedding_dim"],
+                "_meta_#network_data_format#outputs#pred#num_channels": VQ_TINY["network_def#embedding_dim"]}
     report = verify_bundle("xray2ctpa_vqgan", export_dir=tmp_path / "ts", models_dir=root / "models",
-                           overrides={"network_def": vq_over, "classifier_def": CLASSIFIER_TINY})
-    assert set(report["networks"]) == {"network_def", "classifier_def"}
-    assert "diffusion network_def (train_diffusion.json)" in report["not_exported"]
+                           overrides={"network_def": vq_over, "classifier_def": CLASSIFIER_TINY,
+                                      "network_def (inference.json)": ldm_over},
+                           forward_args={"network_def (inference.json)": {"xray": (1, 1, 32, 32)}})
+    assert report["networks"] == {"network_def": {"verified": True, "exported": str(tmp_path / "ts" / "vqgan.ts")},
+                                  "classifier_def": {"verified": True,
+                                                     "exported": str(tmp_path / "ts" / "classifier.ts")},
+                                  "network_def (inference.json)": {"verified": True}}  # the denoiser: checked only
+    assert "network_def (inference.json)" in report["not_exported"]
 
     vq_mod = bundle_module("xray2ctpa_vqgan", "vqgan")
     meta = read_checkpoint_meta(root / "models" / "vqgan.pt")
@@ -338,7 +347,8 @@ def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
         capsys.readouterr()
         cli(["bundle", "verify", "cascade_xray2ct", "--schema", str(local)])
         out = json.loads(capsys.readouterr().out)
-        assert out["metadata"] == "valid" and out["networks"] == {} and "network_def" in out["not_exported"]
+        assert out["metadata"] == "valid" and "skipped" in out["networks"]["network_def"]
+        assert "network_def (any geometry)" in out["not_exported"]
 
     with pytest.raises(FileNotFoundError, match="classifier.pt not found"):
         empty = tmp_path / "empty"

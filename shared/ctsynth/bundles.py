@@ -278,6 +278,10 @@ class NetworkExport:
         checkpoint: its weights in ``models/`` (ctsynth checkpoints keep the state dict under ``"network"``).
         use_trace: TorchScript by tracing (``torch.jit.trace``) rather than scripting.
         overrides: config overrides that make the network exportable (same weights).
+        export: write TorchScript (False: ``verify_net_in_out`` only, e.g. for several inputs).
+        forward_args: further forward inputs for ``verify_net_in_out``: name -> (shape, dtype).
+        settings: what the user must give (``verify_bundle(settings=...)``): name -> the config id it sets.
+        adapt: fills the data format from those settings (e.g. the radiographs' size from the geometry).
     """
 
     configs: tuple[str, ...]
@@ -286,34 +290,61 @@ class NetworkExport:
     checkpoint: str
     use_trace: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
+    export: bool = True
+    forward_args: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    adapt: Any = None
+
+
+def _geometry_format(fmt: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A fixed-geometry cascade's input: one channel per view of ``settings["geometry"]``, its detector size."""
+    from ctsynth.geometry import ProjectionGeometry
+
+    geom = ProjectionGeometry.load_json(settings["geometry"])
+    fmt["inputs"]["image"].update({"num_channels": int(geom.num_views),
+                                   "spatial_shape": [int(s) for s in geom.detector_shape]})
+    return fmt
 
 
 #: the networks each bundle exports (see docs/README.md of each bundle for the others and why)
 EXPORTS: dict[str, tuple[NetworkExport, ...]] = {
-    "cascade_xray2ct": (),
-    "slice_interp_ldm": (),
+    "cascade_xray2ct": (
+        NetworkExport(("inference.json",), "network_def", "fixed_geometry_data_format", "model.pt", use_trace=True,
+                      overrides={"network_def#_target_": "scripts.network.FixedGeometryCascade"},
+                      settings={"geometry": "network_def#geometry"}, adapt=_geometry_format),
+    ),
+    "slice_interp_ldm": (
+        NetworkExport(("inference.json",), "network_def", "denoiser_data_format", "model.pt", export=False,
+                      forward_args={"timesteps": ((1,), "int64")}),
+    ),
     "xray2ctpa_vqgan": (
         NetworkExport(("train.json",), "network_def", "vqgan_data_format", "vqgan.pt", use_trace=True,
                       overrides={"network_def#_target_": "scripts.vqgan.VQGAN3DReconstructor"}),
         NetworkExport(("train_classifier.json",), "classifier_def", "classifier_data_format", "classifier.pt"),
+        NetworkExport(("inference.json",), "network_def (inference.json)", "denoiser_data_format", "ldm.pt",
+                      export=False, forward_args={"timesteps": ((1,), "int64"), "xray": ((1, 1, 256, 256), "float32")}),
     ),
 }
-#: networks that are not exported, and why
+#: what is not exported to TorchScript, and why
 NOT_EXPORTED: dict[str, dict[str, str]] = {
-    "cascade_xray2ct": {"network_def": "forward takes per-study acquisition geometries (Python objects) besides the "
-                                       "radiographs, so neither scripting nor tracing one tensor captures it"},
-    "slice_interp_ldm": {"network_def": "the denoiser takes a noisy latent, the timestep and the thick-latent "
-                                        "conditioning (three inputs) and runs inside a DDIM loop",
-                         "autoencoder": "the MAISI autoencoder is a frozen third-party network; its forward returns "
-                                        "(reconstruction, mean, sigma) and its tiled convolutions do not script"},
-    "xray2ctpa_vqgan": {"diffusion network_def (train_diffusion.json)": "takes latent, timestep and X-ray (three "
-                                                                        "inputs) and runs inside a DDIM loop"},
+    "cascade_xray2ct": {"network_def (any geometry)": "forward takes per-study acquisition geometries (Python objects) "
+                                                      "besides the radiographs; the export freezes one geometry "
+                                                      "(--geometry) into a FixedGeometryCascade"},
+    "slice_interp_ldm": {"network_def": "the denoiser takes the noisy latent (with the thick-latent conditioning) and "
+                                        "the timestep inside a DDIM loop; ckpt_export traces one input only "
+                                        "(verify_net_in_out checks it with the timestep)",
+                         "autoencoder": "the MAISI autoencoder is a frozen third-party network whose forward returns "
+                                        "(reconstruction, mean, sigma)"},
+    "xray2ctpa_vqgan": {"network_def (inference.json)": "the denoiser takes latent, timestep and X-ray inside a DDIM "
+                                                        "loop; ckpt_export traces one input only (verify_net_in_out "
+                                                        "checks it with timestep and X-ray)"},
 }
 
 
 def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str | Path | None = None,
                   models_dir: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", settings: Mapping[str, Any] | None = None,
+                  forward_args: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> dict[str, Any]:
     """MONAI's checks of bundle ``name``: ``verify_metadata`` against ``schema`` (a local copy of MONAI's metadata
     schema; skipped without one, since fetching it needs the internet), ``verify_net_in_out`` of every network in
     :data:`EXPORTS`, and with ``export_dir`` their ``ckpt_export`` to ``EXPORT_DIR/<checkpoint stem>.ts``
@@ -321,10 +352,16 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
 
     Args:
         overrides: per ``net_id``, config overrides (e.g. the sizes of a small trained network).
+        settings: what a network needs from the user (:attr:`NetworkExport.settings`, e.g. ``geometry``); a network
+            whose settings are missing is skipped with the reason.
+        forward_args: per ``net_id``, shapes replacing those of :attr:`NetworkExport.forward_args`.
 
     Returns:
         What was checked, per network: ``verified`` and the ``exported`` file.
     """
+    import copy
+
+    import torch
     from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
     root = Path(bundle_root(name))
@@ -337,20 +374,34 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
         report["metadata"] = "valid"
     models = Path(models_dir) if models_dir else root / "models"
     for ex in EXPORTS[name]:
+        missing = [k for k in ex.settings if (settings or {}).get(k) is None]
+        if missing:
+            report["networks"][ex.net_id] = {"skipped": f"give --{' --'.join(missing)} to check and export it"}
+            continue
         if ex.data_format not in meta:
             raise KeyError(f"{meta_file} lacks {ex.data_format!r}, the input/output description of {ex.net_id}")
+        net_id = ex.net_id.split(" ")[0]
         files = [str(root / "configs" / c) for c in ex.configs]
-        over = {**dict((overrides or {}).get(ex.net_id, {})), **ex.overrides,
-                "_meta_#network_data_format": meta[ex.data_format]}
-        verify_net_in_out(net_id=ex.net_id, meta_file=str(meta_file), config_file=files, device=device, n=2, **over)
+        fmt = copy.deepcopy(meta[ex.data_format])
+        fmt = ex.adapt(fmt, settings) if ex.adapt is not None else fmt
+        # the data format first, so that overrides of its fields (e.g. a small network's channels) apply on top
+        over = {"_meta_#network_data_format": fmt, **dict((overrides or {}).get(ex.net_id, {})), **ex.overrides,
+                **{cid: (settings or {})[k] for k, cid in ex.settings.items()}}
+        shapes = {**{k: v[0] for k, v in ex.forward_args.items()}, **dict((forward_args or {}).get(ex.net_id, {}))}
+        extra = {}
+        for k, (_, dtype) in ex.forward_args.items():
+            shape = tuple(shapes[k])
+            extra[k] = (torch.full(shape, 10, dtype=torch.int64) if dtype == "int64" else torch.rand(shape)).to(device)
+        verify_net_in_out(net_id=net_id, meta_file=str(meta_file), config_file=files, device=device, n=2,
+                          extra_forward_args=extra, **over)
         entry: dict[str, Any] = {"verified": True}
-        if export_dir is not None:
+        if export_dir is not None and ex.export:
             ckpt = models / ex.checkpoint
             if not ckpt.is_file():
                 raise FileNotFoundError(f"{ckpt} not found: train the network first (or pass --models_dir)")
             out = Path(export_dir) / f"{Path(ex.checkpoint).stem}.ts"
             out.parent.mkdir(parents=True, exist_ok=True)
-            ckpt_export(net_id=ex.net_id, filepath=str(out), ckpt_file=str(ckpt), meta_file=str(meta_file),
+            ckpt_export(net_id=net_id, filepath=str(out), ckpt_file=str(ckpt), meta_file=str(meta_file),
                         config_file=files, key_in_ckpt="network", use_trace=ex.use_trace, **over)
             entry["exported"] = str(out)
         report["networks"][ex.net_id] = entry

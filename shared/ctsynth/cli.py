@@ -237,14 +237,16 @@ class BundleCommands:
 
 
     def verify(self, name: str, schema: str | None = None, export: str | None = None, models_dir: str | None = None,
-               device: str = "cpu") -> None:
+               device: str = "cpu", geometry: str | None = None) -> None:
         """MONAI's bundle checks of NAME: ``verify_metadata`` against ``--schema`` (a local copy of MONAI's metadata
         schema), ``verify_net_in_out`` of each exportable network and, with ``--export DIR``, their ``ckpt_export``
         to TorchScript (metadata and configs embedded) from the weights in ``--models-dir`` (default the bundle's
-        models/). Prints what was checked and which networks are not exported, with the reason."""
+        models/). ``--geometry G.json`` (cascade_xray2ct) fixes the acquisition geometry the cascade is checked and
+        exported for. Prints what was checked and which networks are not exported, with the reason."""
         from ctsynth.bundles import verify_bundle
 
-        _emit(verify_bundle(name, schema=schema, export_dir=export, models_dir=models_dir, device=device))
+        _emit(verify_bundle(name, schema=schema, export_dir=export, models_dir=models_dir, device=device,
+                            settings={"geometry": geometry}))
 
 
 class CLI:

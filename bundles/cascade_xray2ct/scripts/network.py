@@ -29,7 +29,7 @@ from ctsynth.engine import load_network_weights
 from ctsynth.geometry import ProjectionGeometry, backproject_features
 
 __all__ = ["XrayEncoder", "backproject_features", "rescale_affine", "patch_embedding", "patch_unembedding",
-           "CascadeStage", "ProgressiveCascade",
+           "CascadeStage", "ProgressiveCascade", "FixedGeometryCascade",
            "BackprojectionUNet", "prepare_stage"]
 
 
@@ -348,6 +348,40 @@ class ProgressiveCascade(nn.Module):
             bp = backproject_features(f, geometries, aff, (s, s, s))
             outputs.append(self.stages[k](bp, f, angles, outputs[-1] if k > 0 else None))
         return outputs
+
+
+class FixedGeometryCascade(ProgressiveCascade):
+    """:class:`ProgressiveCascade` with one acquisition geometry and reconstruction grid built in (one X-ray
+    system's fixed set-up), so that ``forward`` takes the radiographs alone: what ``verify_net_in_out``,
+    ``ckpt_export`` (TorchScript by tracing, valid for that geometry only) and tensor-in/tensor-out servers need.
+    Same weights and state-dict keys as the cascade.
+
+    Args:
+        geometry: the system's ``geometry.json`` (as ``ctsynth drr`` / ``ctsynth prepare`` write it).
+        fov_mm: side of the reconstructed cube; default as ``inference.json`` derives it from the geometry file.
+        **cascade_args: :class:`ProgressiveCascade`'s arguments.
+
+    Shapes:
+        forward(xrays (B, V, rows, cols) normalised radiographs, in the geometry's view order) ->
+        the last stage's (B, 1, S, S, S) in [0, 1] (the training intensity range).
+    """
+
+    def __init__(self, geometry: str, fov_mm: float | None = None, **cascade_args) -> None:
+        super().__init__(**cascade_args)
+        from ctsynth.geometry import cube_affine
+
+        from .inference import reconstruction_grid
+
+        fov, center, _ = reconstruction_grid(geometry, fov_mm)
+        # kept in a list: as a submodule its buffers would enter the state dict and the cascade's weights not load
+        self._geometry = [ProjectionGeometry.load_json(geometry)]
+        self.register_buffer("grid_affine", cube_affine(self.sizes[0], fov, center), persistent=False)
+
+    def forward(self, xrays: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        geom = self._geometry[0]
+        if xrays.ndim != 4 or xrays.shape[1] != geom.num_views:
+            raise ValueError(f"expected (B, {geom.num_views}, rows, cols) radiographs, got {tuple(xrays.shape)}")
+        return super().forward(xrays, geom.to(xrays.device), self.grid_affine)[-1]
 
 
 class BackprojectionUNet(nn.Module):
