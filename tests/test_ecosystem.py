@@ -56,8 +56,10 @@ def test_config_file_bundles_from_the_command_line(tmp_path, argv, expected):
 def test_pack_holds_the_bundle_without_run_outputs(bundle, tmp_path):
     root = Path(bundle_root(bundle))
     # run outputs beside the sources must stay out of the package
-    stray = [root / "eval" / "stray.txt", root / "scripts" / "__pycache__" / "stray.pyc", root / "models" / "stray.pt"]
+    stray = [root / "eval" / "stray.txt", root / "scripts" / "__pycache__" / "stray.pyc", root / "models" / "stray.pt",
+             root / "models" / "straystage" / "checkpoint_last.pt"]
     made = [p for p in stray if not p.exists()]
+    new_dirs = sorted({d for p in made for d in [p.parent] if not d.exists()})
     try:
         for p in made:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +75,12 @@ def test_pack_holds_the_bundle_without_run_outputs(bundle, tmp_path):
         if root / "models" / "stray.pt" in made:
             with_weights = zipfile.ZipFile(pack_bundle(bundle, tmp_path / "w", weights=True)).namelist()
             assert f"{bundle}/models/stray.pt" in with_weights
+            assert not [n for n in with_weights if "straystage" in n]  # training state stays out
     finally:
         for p in made:
             p.unlink()
+        for d in new_dirs:
+            d.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +148,8 @@ def test_pack_publishes_trained_weights_and_download_large_files_fetches_them(tm
     weights = {"models/vqgan.pt": 1.0, "models/ldm.pt": 2.0}
     for rel, v in weights.items():
         torch.save({"network": {"w": torch.full((4,), v)}, "meta": {}}, src / "xray2ctpa_vqgan" / rel)
+    (src / "xray2ctpa_vqgan" / "models" / "vqgan").mkdir()
+    torch.save({"optimizer": {}}, src / "xray2ctpa_vqgan" / "models" / "vqgan" / "checkpoint_last.pt")  # not published
     monkeypatch.setenv("CTSYNTH_BUNDLES_DIR", str(src))
     host = tmp_path / "dist"
     zip_path = pack_bundle("xray2ctpa_vqgan", host, weights_url=(host / "xray2ctpa_vqgan_v{v}_files").as_uri()

@@ -113,8 +113,8 @@ def pack_bundle(name: str, out_dir: str | Path, weights: bool = False, weights_u
     """Zips bundle ``name`` as the model zoo hosts bundles: ``OUT_DIR/<name>_v<version>.zip`` holding one
     top folder ``<name>/`` (configs, scripts, docs, LICENSE, large_files.yml, models/README.md).
 
-    Run outputs (``data/``, ``eval/``, logs, caches) never go in; weights (``models/**/*.pt`` ...) only with
-    ``weights=True`` (otherwise users fetch them with ``python -m monai.bundle download_large_files``).
+    Run outputs (``data/``, ``eval/``, logs, caches, training state in ``models/<stage>/``) never go in; the
+    weights directly in ``models/`` (``*.pt`` ...) only with ``weights=True`` (otherwise users fetch them with ``python -m monai.bundle download_large_files``).
     With ``weights_url`` the weights under ``models/`` are copied to ``OUT_DIR/<name>_v<version>_files/models/``
     for upload to that URL, and the packed ``large_files.yml`` lists each (URL, sha256) after the bundle's own
     entries. The zip is written next to its final name and renamed, so an interrupted pack leaves no partial file.
@@ -134,7 +134,7 @@ def pack_bundle(name: str, out_dir: str | Path, weights: bool = False, weights_u
         rel = f.relative_to(root)
         if not f.is_file() or _PACK_SKIP_DIRS & set(rel.parts[:-1]) or f.suffix == ".pyc":
             continue
-        if f.suffix in _WEIGHT_SUFFIXES and not weights:
+        if f.suffix in _WEIGHT_SUFFIXES and not (weights and _is_published_weight(rel)):
             continue
         if rel.parts[0] == "models" and f.suffix not in _WEIGHT_SUFFIXES and f.name != "README.md":
             continue  # training state beside the weights (history, logs)
@@ -156,6 +156,12 @@ def pack_bundle(name: str, out_dir: str | Path, weights: bool = False, weights_u
     return target
 
 
+def _is_published_weight(rel: Path) -> bool:
+    """Weights a bundle publishes: files directly in ``models/`` (``models/<stage>/`` holds training state:
+    ``checkpoint_last.pt`` with optimizer and RNG states, per-stage best weights)."""
+    return len(rel.parts) == 2 and rel.parts[0] == "models" and rel.suffix in _WEIGHT_SUFFIXES
+
+
 def _published_large_files(root: Path, files_dir: Path, base_url: str) -> str:
     """Copies the weights under ``root/models`` into ``files_dir/models`` and returns ``root/large_files.yml``
     with an entry per copied file (``base_url/models/<file>``, sha256) appended (entries for the same path replaced)."""
@@ -167,8 +173,8 @@ def _published_large_files(root: Path, files_dir: Path, base_url: str) -> str:
     src = root / "large_files.yml"
     entries = list((yaml.safe_load(src.read_text()) or {}).get("large_files") or []) if src.is_file() else []
     published = []
-    for f in sorted((root / "models").rglob("*")):
-        if not f.is_file() or f.suffix not in _WEIGHT_SUFFIXES:
+    for f in sorted((root / "models").glob("*")):
+        if not f.is_file() or not _is_published_weight(f.relative_to(root)):
             continue
         rel = f.relative_to(root).as_posix()
         dst = files_dir / rel
