@@ -114,7 +114,8 @@ def pack_bundle(name: str, out_dir: str | Path, weights: bool = False, weights_u
     top folder ``<name>/`` (configs, scripts, docs, LICENSE, large_files.yml, models/README.md).
 
     Run outputs (``data/``, ``eval/``, logs, caches, training state in ``models/<stage>/``) never go in; the
-    weights directly in ``models/`` (``*.pt`` ...) only with ``weights=True`` (otherwise users fetch them with ``python -m monai.bundle download_large_files``).
+    weights directly in ``models/`` (``*.pt`` ...) only with ``weights=True`` (otherwise users fetch them with
+    ``python -m monai.bundle download_large_files``).
     With ``weights_url`` the weights under ``models/`` are copied to ``OUT_DIR/<name>_v<version>_files/models/``
     for upload to that URL, and the packed ``large_files.yml`` lists each (URL, sha256) after the bundle's own
     entries. The zip is written next to its final name and renamed, so an interrupted pack leaves no partial file.

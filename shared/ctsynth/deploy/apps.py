@@ -15,7 +15,7 @@ require_sdk()
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import Application  # noqa: E402
 
-from ctsynth.deploy.operators import (SLICE_METHODS, CascadeReconstructionOperator, CTStudyLoaderOperator,  # noqa: E402
+from ctsynth.deploy.operators import (CascadeReconstructionOperator, CTStudyLoaderOperator,  # noqa: E402
                                       CTWriterOperator, RadiographFolderOperator, SliceInterpolationOperator)
 
 __all__ = ["SliceInterpolationApp", "XrayToCTApp", "SLICE_ENV", "XRAY_ENV", "settings_from_env"]
@@ -77,9 +77,7 @@ class SliceInterpolationApp(_CTApp):
 
     def compose(self) -> None:
         input_path, output_path, models = self._paths()
-        s = {"method": "cubic", "spacing_mm": 1.0, **self.settings}
-        if s["method"] not in SLICE_METHODS:
-            raise ValueError(f"method must be one of {SLICE_METHODS}, got {s['method']!r} (CTSYNTH_SLICE_METHOD)")
+        s = {"method": "cubic", "spacing_mm": 1.0, **self.settings}  # the operator checks them
         loader = CTStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path,
                                        series_uid=s.get("series_uid"), name="load_ct")
         interp = SliceInterpolationOperator(self, method=s["method"], spacing_mm=s["spacing_mm"], models_path=models,
@@ -104,7 +102,7 @@ class XrayToCTApp(_CTApp):
         reader = RadiographFolderOperator(self, CountCondition(self, 1), input_path=input_path, name="read_radiographs")
         recon = CascadeReconstructionOperator(self, models_path=models, device=self.settings.get("device"),
                                               name="reconstruct")
-        writer = CTWriterOperator(self, output_path=output_path, stem="ct", name="write_ct", series_description="ctsynth X-ray to CT",
-                                  extra={"input": str(input_path)})
+        writer = CTWriterOperator(self, output_path=output_path, stem="ct", name="write_ct",
+                                  series_description="ctsynth X-ray to CT", extra={"input": str(input_path)})
         self.add_flow(reader, recon, {("study", "study")})
         self.add_flow(recon, writer, {("volume", "volume"), ("reference", "reference"), ("report", "report")})
