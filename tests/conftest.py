@@ -58,22 +58,34 @@ def voxelised_ellipsoid(n: int, spacing: float, radii, center=(0.0, 0.0, 0.0), s
 _PORTS = iter(range(29531, 29600))
 
 
+def literal_args(overrides: Mapping) -> list[str]:
+    """Config overrides as ``--key value`` command-line pairs, values as Python literals (what fire parses)."""
+    args: list[str] = []
+    for k, v in overrides.items():
+        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
+    return args
+
+
+def run_python(args: Sequence[str], cwd: Path | None = None, env: Mapping | None = None, check: bool = True,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a new process, as a user runs it (one thread per process); asserts it succeeded unless
+    ``check`` is False."""
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
 def monai_bundle_run(bundle: str, run_id: str, configs: Sequence[str], overrides: Mapping, torchrun: bool = False,
                      timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs ``python -m monai.bundle run RUN_ID`` (or under ``torchrun`` with 2 processes) from the repository
     root, as README.md documents it; overrides go on the command line as Python literals (what fire parses)."""
     root = Path(__file__).resolve().parents[1]
     files = json.dumps([str(root / "bundles" / bundle / "configs" / c) for c in configs])
-    args = []
-    for k, v in overrides.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={next(_PORTS)}"] \
-        if torchrun else [sys.executable]
-    cmd = launcher + ["-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=root)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={next(_PORTS)}"] if torchrun else []
+    return run_python([*launcher, "-m", "monai.bundle", "run", run_id, "--config_file", files, *literal_args(overrides)],
+                      cwd=root, timeout=timeout)
 
 
 def serve_like_monai_label(bundle: str, models_dir: Path, image: str, work: Path, overrides: Mapping) -> dict:

@@ -100,7 +100,7 @@ def test_cascade_trains_all_stages_resumes_evaluates_and_reconstructs(dataset, t
     out = tmp_path / "rec" / "ct.nii.gz"
     main(["reconstruct", *xr, "--geometry", str(dataset / "data" / case["geometry"]), "--out", str(out),
           "--checkpoint", str(dataset / "models" / "model.pt"), "--ground_truth",
-          str(dataset / "data" / case["image_48"]), "--save_stages"])
+          str(dataset / "data" / case["image_48"]), "--save_stages", "--device", "cpu"])
     assert '"reprojection_psnr_db"' in capsys.readouterr().out
     rep = json.loads((tmp_path / "rec" / "ct.json").read_text())
     ct = load_volume(out)

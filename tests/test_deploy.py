@@ -5,15 +5,15 @@ ends the run with a non-zero status and the reader's message."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 import torch
+
+from conftest import run_python
 
 from ctsynth.io import load_volume, save_dicom_series, save_nifti
 from ctsynth.phantoms import thorax_phantom
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.skipif(not HAS_SDK, reason='MONAI Deploy App SDK not in
 
 
 def _app(module: str, args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", f"ctsynth.deploy.{module}", *args], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    return run_python(["-m", f"ctsynth.deploy.{module}", *args], env=env, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,14 @@ run from the fetched folder (its own scripts, its own models/), from another fol
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CASCADE_TINY, CASCADE_TINY_SIZES, phantom_xray2ct_dataset
+from conftest import CASCADE_TINY, CASCADE_TINY_SIZES, literal_args, phantom_xray2ct_dataset, run_python
 
 from ctsynth.bundles import BUNDLES, _config_file_bundles, bundle_root, bundle_version, pack_bundle
 from ctsynth.cli import main
@@ -23,18 +21,8 @@ from ctsynth.io import load_volume
 SIZES, TINY = CASCADE_TINY_SIZES, CASCADE_TINY
 
 
-def _monai_bundle(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
-
-
-def _literal_args(overrides: dict) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        out += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    return out
+def _monai_bundle(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run_python(["-m", "monai.bundle", *args], cwd=cwd)
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -102,7 +90,7 @@ def test_pack_download_and_run_from_the_downloaded_bundle(xray_dataset, tmp_path
 
     data = str(xray_dataset / "data")
     _monai_bundle(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
-                   *_literal_args(TINY)], cwd=fetched)
+                   *literal_args(TINY)], cwd=fetched)
     meta = read_checkpoint_meta(fetched / "models" / "model.pt")
     assert meta["stage"] == 1 and meta["network_config"]["sizes"] == SIZES
     assert (fetched / "eval" / "stage1" / "history.json").is_file()
@@ -120,7 +108,7 @@ def test_pack_download_and_run_from_the_downloaded_bundle(xray_dataset, tmp_path
     _monai_bundle(["run", "inference", "--config_file", str(fetched / "configs" / "inference.json"),
                    "--xrays", repr([str(xray_dataset / "data" / x) for x in case["xrays"]]),
                    "--geometry", str(xray_dataset / "data" / case["geometry"]), "--output", str(out),
-                   *_literal_args(infer)], cwd=elsewhere)
+                   *literal_args(infer)], cwd=elsewhere)
     assert load_volume(out).shape == (1, 16, 16, 16)  # a stage-1 model reconstructs on the first grid
 
 
@@ -173,8 +161,8 @@ def test_pack_publishes_trained_weights_and_download_large_files_fetches_them(tm
     # a corrupted upload is refused by the hash check
     (fetched / "models" / "ldm.pt").unlink()
     (host / f"{zip_path.stem}_files" / "models" / "ldm.pt").write_bytes(b"not the weights")
-    res = subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(fetched)],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = run_python(["-m", "monai.bundle", "download_large_files", "--bundle_path", str(fetched)], cwd=tmp_path,
+                     check=False)
     assert res.returncode != 0 and "hash" in (res.stdout + res.stderr).lower()
 
 

@@ -197,10 +197,14 @@ def _published_large_files(root: Path, files_dir: Path, base_url: str) -> str:
 
 
 def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mapping[str, Any] | None = None,
-               init_id: str = "initialize", final_id: str = "finalize") -> Any:
+               init_id: str = "initialize", final_id: str = "finalize", device: str | None = None) -> Any:
     """Runs ``run_id`` of bundle ``name`` with ``configs`` (file names in its ``configs/``, merged in order)
-    and ``overrides`` (config ids -> values), as ``python -m monai.bundle run`` would."""
+    and ``overrides`` (config ids -> values), as ``python -m monai.bundle run`` would; ``device`` (e.g. ``cuda:1``)
+    replaces the config's ``device`` when given."""
     from monai.bundle import ConfigWorkflow
+
+    if device:
+        overrides = {**dict(overrides or {}), "device": f"$torch.device({device!r})"}
 
     root = Path(bundle_root(name))
     files = [str(root / "configs" / c) for c in configs]
@@ -280,6 +284,8 @@ class NetworkExport:
     Attributes:
         configs: config files (in ``configs/``) defining ``net_id``, merged in order.
         net_id: the network's config id.
+        label: its key in :func:`verify_bundle`'s report and per-network arguments (default ``net_id``; needed where
+            two configs of a bundle use the same id for different networks).
         data_format: the ``metadata.json`` entry describing its input ``image`` and output ``pred``
             (``network_data_format`` describes the bundle's whole inference, which may chain several networks).
         checkpoint: its weights in ``models/`` (ctsynth checkpoints keep the state dict under ``"network"``).
@@ -301,6 +307,11 @@ class NetworkExport:
     forward_args: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
     adapt: Any = None
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.label or self.net_id
 
 
 def _geometry_format(fmt: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -328,8 +339,9 @@ EXPORTS: dict[str, tuple[NetworkExport, ...]] = {
         NetworkExport(("train.json",), "network_def", "vqgan_data_format", "vqgan.pt", use_trace=True,
                       overrides={"network_def#_target_": "scripts.vqgan.VQGAN3DReconstructor"}),
         NetworkExport(("train_classifier.json",), "classifier_def", "classifier_data_format", "classifier.pt"),
-        NetworkExport(("inference.json",), "network_def (inference.json)", "denoiser_data_format", "ldm.pt",
-                      export=False, forward_args={"timesteps": ((1,), "int64"), "xray": ((1, 1, 256, 256), "float32")}),
+        NetworkExport(("inference.json",), "network_def", "denoiser_data_format", "ldm.pt", export=False,
+                      forward_args={"timesteps": ((1,), "int64"), "xray": ((1, 1, 256, 256), "float32")},
+                      label="network_def (inference.json)"),
     ),
 }
 #: what is not exported to TorchScript, and why
@@ -358,10 +370,11 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
     (TorchScript with metadata.json and the configs embedded) from ``MODELS/<checkpoint>``.
 
     Args:
-        overrides: per ``net_id``, config overrides (e.g. the sizes of a small trained network).
+        overrides: per network (:attr:`NetworkExport.key`), config overrides (e.g. a small trained network's sizes).
         settings: what a network needs from the user (:attr:`NetworkExport.settings`, e.g. ``geometry``); a network
             whose settings are missing is skipped with the reason.
-        forward_args: per ``net_id``, shapes replacing those of :attr:`NetworkExport.forward_args`.
+        forward_args: per network (:attr:`NetworkExport.key`), shapes replacing those of
+            :attr:`NetworkExport.forward_args`.
 
     Returns:
         What was checked, per network: ``verified`` and the ``exported`` file.
@@ -380,26 +393,26 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
         verify_metadata(meta_file=str(meta_file), filepath=str(schema))
         report["metadata"] = "valid"
     models = Path(models_dir) if models_dir else root / "models"
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
     for ex in EXPORTS[name]:
-        missing = [k for k in ex.settings if (settings or {}).get(k) is None]
+        missing = [k for k in ex.settings if k not in settings]
         if missing:
-            report["networks"][ex.net_id] = {"skipped": f"give --{' --'.join(missing)} to check and export it"}
+            report["networks"][ex.key] = {"skipped": f"give --{' --'.join(missing)} to check and export it"}
             continue
         if ex.data_format not in meta:
-            raise KeyError(f"{meta_file} lacks {ex.data_format!r}, the input/output description of {ex.net_id}")
-        net_id = ex.net_id.split(" ")[0]
+            raise KeyError(f"{meta_file} lacks {ex.data_format!r}, the input/output description of {ex.key}")
         files = [str(root / "configs" / c) for c in ex.configs]
         fmt = copy.deepcopy(meta[ex.data_format])
         fmt = ex.adapt(fmt, settings) if ex.adapt is not None else fmt
         # the data format first, so that overrides of its fields (e.g. a small network's channels) apply on top
-        over = {"_meta_#network_data_format": fmt, **dict((overrides or {}).get(ex.net_id, {})), **ex.overrides,
-                **{cid: (settings or {})[k] for k, cid in ex.settings.items()}}
-        shapes = {**{k: v[0] for k, v in ex.forward_args.items()}, **dict((forward_args or {}).get(ex.net_id, {}))}
+        over = {"_meta_#network_data_format": fmt, **dict((overrides or {}).get(ex.key, {})), **ex.overrides,
+                **{cid: settings[k] for k, cid in ex.settings.items()}}
+        shapes = (forward_args or {}).get(ex.key, {})
         extra = {}
-        for k, (_, dtype) in ex.forward_args.items():
-            shape = tuple(shapes[k])
+        for k, (shape, dtype) in ex.forward_args.items():
+            shape = tuple(shapes.get(k, shape))
             extra[k] = (torch.full(shape, 10, dtype=torch.int64) if dtype == "int64" else torch.rand(shape)).to(device)
-        verify_net_in_out(net_id=net_id, meta_file=str(meta_file), config_file=files, device=device, n=2,
+        verify_net_in_out(net_id=ex.net_id, meta_file=str(meta_file), config_file=files, device=device, n=2,
                           extra_forward_args=extra, **over)
         entry: dict[str, Any] = {"verified": True}
         if export_dir is not None and ex.export:
@@ -408,8 +421,8 @@ def verify_bundle(name: str, schema: str | Path | None = None, export_dir: str |
                 raise FileNotFoundError(f"{ckpt} not found: train the network first (or pass --models_dir)")
             out = Path(export_dir) / f"{Path(ex.checkpoint).stem}.ts"
             out.parent.mkdir(parents=True, exist_ok=True)
-            ckpt_export(net_id=net_id, filepath=str(out), ckpt_file=str(ckpt), meta_file=str(meta_file),
+            ckpt_export(net_id=ex.net_id, filepath=str(out), ckpt_file=str(ckpt), meta_file=str(meta_file),
                         config_file=files, key_in_ckpt="network", use_trace=ex.use_trace, **over)
             entry["exported"] = str(out)
-        report["networks"][ex.net_id] = entry
+        report["networks"][ex.key] = entry
     return report

@@ -53,6 +53,16 @@ def _tuple(x: Any, n: int | None = None, name: str = "value") -> tuple:
     return t if n is None or len(t) == n else t * n
 
 
+def _one_int(x: Any) -> int:
+    """``--batch 2`` arrives as 2 or, through the multi-value flags, as (2,)."""
+    return int(x[0]) if isinstance(x, (tuple, list)) else int(x)
+
+
+def _network_args(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A demo's ``network_def#key`` config overrides as the network's keyword arguments."""
+    return {k.split("#", 1)[1]: v for k, v in overrides.items()}
+
+
 class Bench:
     """Benchmarks; each prints JSON and writes it to ``--out`` when given."""
 
@@ -82,7 +92,7 @@ class Bench:
         if small:
             from ctsynth.demo import CASCADE_DEMO_NETWORK
 
-            network = {k.split("#", 1)[1]: v for k, v in CASCADE_DEMO_NETWORK.items()}
+            network = _network_args(CASCADE_DEMO_NETWORK)
         res = bench_cascade(_tuple(sizes), None if stages is None else _tuple(stages), batch if isinstance(batch, int)
                             else _tuple(batch), xray_size, views, repeats, device, amp, network)
         sys.stdout.write(write_json(res, out, plot) + "\n")
@@ -109,9 +119,9 @@ class Bench:
         if small:
             from ctsynth.demo import CTPA_DEMO_VQGAN
 
-            network = {k.split("#", 1)[1]: v for k, v in CTPA_DEMO_VQGAN.items()}
+            network = _network_args(CTPA_DEMO_VQGAN)
         vol = None if volume in (None, "none", "None") else _tuple(volume, 3, "volume")
-        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        b = _one_int(batch)
         res = bench_vqgan(_tuple(train_shape, 3, "train-shape"), b, vol, _tuple(roi, 3, "roi"), repeats, device, amp, network)
         sys.stdout.write(write_json(res, out, plot) + "\n")
 
@@ -128,8 +138,8 @@ class Bench:
             from ctsynth.demo import CTPA_DEMO_DENOISER, SLICE_DEMO_DENOISER
 
             demo = CTPA_DEMO_DENOISER if bundle == "xray2ctpa_vqgan" else SLICE_DEMO_DENOISER
-            network = {k.split("#", 1)[1]: v for k, v in demo.items()}
-        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+            network = _network_args(demo)
+        b = _one_int(batch)
         res = bench_diffusion(bundle, _tuple(latent_shape, 3, "latent-shape"), b, repeats, device, amp, network,
                               latent_channels, xray_size)
         sys.stdout.write(write_json(res, out, plot) + "\n")
@@ -147,7 +157,7 @@ class Bench:
             from ctsynth.demo import SLICE_DEMO_AUTOENCODER
 
             overrides = dict(SLICE_DEMO_AUTOENCODER)
-        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+        b = _one_int(batch)
         sys.stdout.write(write_json(bench_autoencoder(_tuple(patch, 3, "patch"), b, repeats, device, overrides), out,
                                     plot) + "\n")
 
@@ -161,8 +171,8 @@ class Bench:
         if small:
             from ctsynth.demo import CTPA_DEMO_CLASSIFIER
 
-            overrides = {k.split("#", 1)[1]: v for k, v in CTPA_DEMO_CLASSIFIER.items()}
-        b = int(batch[0]) if isinstance(batch, (tuple, list)) else int(batch)
+            overrides = _network_args(CTPA_DEMO_CLASSIFIER)
+        b = _one_int(batch)
         sys.stdout.write(write_json(bench_classifier(_tuple(volume, 3, "volume"), b, repeats, device, overrides), out,
                                     plot) + "\n")
 
@@ -222,7 +232,7 @@ class Prepare:
 
 
 class BundleCommands:
-    """Bundle packaging: ``ctsynth bundle pack NAME --out DIR``."""
+    """Bundle packaging and MONAI's checks: ``ctsynth bundle pack NAME --out DIR``, ``ctsynth bundle verify NAME``."""
 
     def pack(self, name: str, out: str = "dist", weights: bool = False, weights_url: str | None = None) -> None:
         """Zips bundle NAME as ``OUT/NAME_v<version>.zip`` (the model zoo's layout), fit for
@@ -280,9 +290,7 @@ class CLI:
         overrides = {"xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
                      "ground_truth": ground_truth, "save_stages": save_stages, "fov_mm": fov_mm, "preview": preview,
                      **cascade_overrides(checkpoint)}
-        if device:
-            overrides["device"] = f"$torch.device({device!r})"
-        _emit(run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides)[0])
+        _emit(run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides, device=device)[0])
 
     def interpolate(self, thick: str, out: str, spacing: float = 1.0, method: str = "cubic",
                     model: str | None = None, save_model: str | None = None, steps: int = 400,
@@ -299,13 +307,12 @@ class CLI:
         The refiners work at the pixel spacing and resample to ``--spacing`` afterwards when they differ.
         """
         from ctsynth.io import load_volume, save_dicom_series, save_nifti
-        from ctsynth.slices import interpolate_study
+        from ctsynth.slices import SLICE_METHODS, interpolate_study
 
         spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)  # --spacing is multi-valued elsewhere
         method = "self-supervised" if self_supervised else method
-        methods = ("cubic", "linear", "self-supervised", "refiner", "ldm")
-        if method not in methods:
-            raise ValueError(f"--method must be one of {methods}, got {method!r}")
+        if method not in SLICE_METHODS:
+            raise ValueError(f"--method must be one of {SLICE_METHODS}, got {method!r}")
         if method == "refiner" and not model:
             raise ValueError("--method refiner needs --model PATH (a refiner saved with --save-model)")
         if int(samples) > 1 and method != "ldm":
@@ -316,9 +323,7 @@ class CLI:
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "inference_steps": int(inference_steps),
                          **slice_ldm_overrides(checkpoint, autoencoder)}
-            if device:
-                overrides["device"] = f"$torch.device({device!r})"
-            _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)[0])
+            _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides, device=device)[0])
             return
         vol = load_volume(thick, series_uid=series_uid)
         result = interpolate_study(vol, spacing, method, model=model, steps=steps, seed=seed, save_model=save_model)
@@ -351,9 +356,7 @@ class CLI:
                      "samples": int(samples), "seed": int(seed), "dicom_out": dicom_out, "preview": preview,
                      "checkpoint": ckpt, "vqgan_path": vqgan or str(models / "vqgan.pt"),
                      **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
-        if device:
-            overrides["device"] = f"$torch.device({device!r})"
-        _emit(run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", overrides)[0])
+        _emit(run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", overrides, device=device)[0])
 
     def phantom(self, out_dir: str, n: int = 1, shape: Any = (128, 128, 128), spacing: Any = 3.0,
                 contrast: bool = False, emboli: float = 0.0, format: str = "nifti", seed: int = 0,

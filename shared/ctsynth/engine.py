@@ -439,7 +439,6 @@ class TriplanarImageHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-        engine.add_event_handler(Events.COMPLETED, self._flush)
 
     def _write(self, engine: Engine) -> None:
         if not is_rank_zero() or engine.state.output is None:
@@ -456,11 +455,7 @@ class TriplanarImageHandler:
 
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_image(self.tag, img, global_step=int(engine.state.epoch))
-        self._writer.flush()
-
-    def _flush(self, engine: Engine) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        self._writer.flush()  # readable at once (validation runs are minutes apart)
 
 
 def _pred_label(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -31,7 +31,7 @@ from ctsynth.transforms import scale_hu, unscale_hu
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
            "degrade_along", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner", "STUDY_METHODS",
-           "interpolate_study"]
+           "SLICE_METHODS", "interpolate_study"]
 
 logger = logging.getLogger(__name__)
 INTERPOLATION_MODES = ("linear", "cubic")
@@ -284,6 +284,8 @@ def load_refiner(path: str | Path) -> SliceRefiner:
 
 #: what :func:`interpolate_study` does (``ldm`` runs the slice_interp_ldm bundle and is not among them)
 STUDY_METHODS = ("cubic", "linear", "self-supervised", "refiner")
+#: what ``ctsynth interpolate`` and the MONAI Deploy app offer: :data:`STUDY_METHODS` and the bundle's ``ldm``
+SLICE_METHODS = (*STUDY_METHODS, "ldm")
 
 
 def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubic", model: str | Path | None = None,

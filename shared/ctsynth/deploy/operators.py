@@ -21,14 +21,13 @@ require_sdk()
 from monai.deploy.core import Fragment, Operator, OperatorSpec  # noqa: E402
 
 from ctsynth.io import is_nifti, load_volume, save_dicom_series, save_nifti  # noqa: E402
+from ctsynth.slices import SLICE_METHODS, interpolate_study  # noqa: E402
 
 __all__ = ["CTStudyLoaderOperator", "SliceInterpolationOperator", "RadiographFolderOperator",
-           "CascadeReconstructionOperator", "CTWriterOperator", "SLICE_METHODS"]
+           "CascadeReconstructionOperator", "CTWriterOperator"]
 
 logger = logging.getLogger(__name__)
 
-#: methods of :class:`SliceInterpolationOperator` (``ldm`` runs the slice_interp_ldm bundle)
-SLICE_METHODS = ("cubic", "linear", "self-supervised", "refiner", "ldm")
 _IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz", ".jpg", ".jpeg")
 
 
@@ -79,7 +78,7 @@ class SliceInterpolationOperator(Operator):
     """``volume`` (thick slices) -> ``volume`` (thin slices at ``spacing_mm``).
 
     Args:
-        method: one of :data:`SLICE_METHODS`. ``refiner`` reads ``MODELS/refiner.pt``; ``ldm`` reads
+        method: one of :data:`ctsynth.slices.SLICE_METHODS`. ``refiner`` reads ``MODELS/refiner.pt``; ``ldm`` reads
             ``MODELS/model.pt`` and ``MODELS/autoencoder.pt`` (MODELS = ``models_path``, default the bundle's).
         spacing_mm: output slice spacing (mm).
         work_dir: where ``ldm`` stages its input and output NIfTI (a temporary folder by default).
@@ -104,8 +103,6 @@ class SliceInterpolationOperator(Operator):
         spec.output("report")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctsynth.slices import interpolate_study
-
         volume = op_input.receive("volume")
         if self.method == "ldm":
             result = self._ldm(volume)
@@ -127,9 +124,7 @@ class SliceInterpolationOperator(Operator):
             save_nifti(volume, src)
             overrides = {"input": str(src), "output": str(out), "spacing": self.spacing_mm, "seed": self.seed,
                          "inference_steps": self.inference_steps, **slice_ldm_overrides(models_dir=self.models_path)}
-            if self.device:
-                overrides["device"] = f"$torch.device({self.device!r})"
-            run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides)
+            run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides, device=self.device)
             return load_volume(out)
 
 
@@ -184,9 +179,7 @@ class CascadeReconstructionOperator(Operator):
             out = Path(tmp) / "ct.nii.gz"
             overrides = {"xrays": study["xrays"], "geometry": study["geometry"], "output": str(out), "preview": False,
                          **cascade_overrides(models_dir=self.models_path)}
-            if self.device:
-                overrides["device"] = f"$torch.device({self.device!r})"
-            report = run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides)[0]
+            report = run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides, device=self.device)[0]
             volume = load_volume(out)
         op_output.emit(volume, "volume")
         op_output.emit(None, "reference")
@@ -194,8 +187,8 @@ class CascadeReconstructionOperator(Operator):
 
 
 class CTWriterOperator(Operator):
-    """``volume`` (+ ``reference``, ``report``) -> ``OUTPUT/<name>.nii.gz``, a DICOM CT series in
-    ``OUTPUT/dicom/`` (in the reference's study when there is one) and ``OUTPUT/<name>.json``."""
+    """``volume`` (+ ``reference``, ``report``) -> ``OUTPUT/<stem>.nii.gz``, a DICOM CT series in
+    ``OUTPUT/dicom/`` (in the reference's study when there is one) and ``OUTPUT/<stem>.json``."""
 
     def __init__(self, fragment: Fragment, *args: Any, output_path: str | Path, stem: str = "ct",
                  series_description: str = "ctsynth synthetic CT", extra: Mapping[str, Any] | None = None,
