@@ -61,6 +61,7 @@ def test_evaluation_and_reconstruction(trained, tmp_path):
     s = report["summary"]
     assert s["window_hu"] == [-1000.0, 1000.0] and 0 < s["codebook_usage_pct"] <= 100 and s["perplexity"] >= 1
     assert s["psnr_whole"] is not None and s["patchwise_minus_whole_db"] is not None and s["seam_ratio_patchwise"] > 0
+    assert s["norm_stats"] == "volume"  # train.json: a model trained on whole volumes
     assert (root / "eval" / "metrics.md").is_file()
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     rec = run_bundle("xray2ctpa_vqgan", ["reconstruct.json"], "inference", {

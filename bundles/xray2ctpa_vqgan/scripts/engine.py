@@ -42,20 +42,22 @@ class PatchwiseValidation:
     (:class:`scripts.vqgan.PatchwiseVQGAN`, stitched on CPU), so any volume size validates in bounded memory.
 
     Args:
-        roi_size / overlap / mode: the windows (a volume smaller than a window is one window).
+        roi_size / overlap / mode / norm_stats: the windows (a volume smaller than a window is one window; see
+            :class:`scripts.vqgan.PatchwiseVQGAN`).
         image_key: batch key of the (1, 1, X, Y, Z) volume in [0, 1].
     """
 
     def __init__(self, roi_size: Sequence[int] = (256, 256, 128), overlap: float = 0.25, mode: str = "gaussian",
-                 image_key: str = "image") -> None:
+                 image_key: str = "image", norm_stats: str = "window") -> None:
         self.roi_size, self.overlap, self.mode, self.image_key = tuple(roi_size), overlap, mode, image_key
+        self.norm_stats = norm_stats
 
     def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         from .vqgan import PatchwiseVQGAN
 
         x = torch.as_tensor(batch[self.image_key]).float()
         codec = PatchwiseVQGAN.fitted(unwrap(engine.network), x.shape[-3:], self.roi_size, overlap=self.overlap,
-                                      mode=self.mode, device=engine.state.device)
+                                      mode=self.mode, device=engine.state.device, norm_stats=self.norm_stats)
         return {Keys.PRED: codec.reconstruct(x).clamp(0, 1), Keys.LABEL: x}
 
 

@@ -41,19 +41,21 @@ class VQGANReconstructor:
         network: the VQ-GAN, weights loaded from ``checkpoint``.
         checkpoint: ``vqgan.pt`` written by training.
         intensity_range: HU window of the model's [0, 1] normalisation.
-        roi_size / overlap / mode: the patch-wise windows.
+        roi_size / overlap / mode / norm_stats: the patch-wise windows (see :class:`PatchwiseVQGAN`).
         whole_max_voxels: largest volume also reconstructed in one pass (memory); 0: never.
         device: where windows run (stitching stays on CPU).
     """
 
     def __init__(self, network: VQGAN3D, checkpoint: str | Path, intensity_range: Sequence[float] = (-1000.0, 1000.0),
                  roi_size: Sequence[int] = (256, 256, 128), overlap: float = 0.25, mode: str = "gaussian",
-                 whole_max_voxels: int = 256 * 256 * 128, device: str | torch.device = "cpu") -> None:
+                 whole_max_voxels: int = 256 * 256 * 128, device: str | torch.device = "cpu",
+                 norm_stats: str = "window") -> None:
         load_network_weights(network, checkpoint)
         self.device = torch.device(device)
         self.net = network.to(self.device).eval()
         self.window = tuple(float(w) for w in intensity_range)
         self.roi_size, self.overlap, self.mode, self.whole_max_voxels = roi_size, overlap, mode, int(whole_max_voxels)
+        self.norm_stats = norm_stats
 
     @torch.no_grad()
     def reconstruct(self, volume_hu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, PatchwiseVQGAN]:
@@ -61,7 +63,7 @@ class VQGANReconstructor:
         x = scale_hu(torch.as_tensor(volume_hu).float(), self.window)[None]
         size = x.shape[-3:]
         codec = PatchwiseVQGAN.fitted(self.net, size, self.roi_size, overlap=self.overlap, mode=self.mode,
-                                      device=self.device)
+                                      device=self.device, norm_stats=self.norm_stats)
         patch = codec.reconstruct(x)[0]
         xp = pad_to_multiple(x, self.net.downsample)
         n = self.net.quantizer.num_embeddings
@@ -131,6 +133,7 @@ class VQGANEvaluation(VQGANReconstructor):
             "codebook_usage_pct": 100.0 * usage_of_counts(total), "perplexity": perplexity_of_counts(total),
             "window_hu": [-1000.0, 1000.0], "data_range_hu": 2000.0, "mode": "3d",
             "roi_size": [int(r) for r in self.roi_size], "overlap": self.overlap, "blend": self.mode,
+            "norm_stats": self.norm_stats,
         }
         report = {"split": self.split, "summary": summary, "cases": cases}
         write_metrics_report(self.out, report)
