@@ -42,6 +42,28 @@ def test_noise_and_partial_volume():
     assert float(mid) > 0.002
 
 
+def test_fine_detail_keeps_the_large_anatomy_and_adds_isotropic_structure():
+    base, _ = thorax_phantom((48, 48, 48), 4.0, seed=3)
+    fine, _ = thorax_phantom((48, 48, 48), 4.0, seed=3, detail=1.0)
+    again, _ = thorax_phantom((48, 48, 48), 4.0, seed=3, detail=1.0)
+    assert torch.equal(fine, again)
+    lung = (base > -900) & (base < -800)  # lung parenchyma of the plain phantom
+    # more vessels in the lungs; outside them only the ~20 HU texture differs; air stays air
+    assert float((fine[lung] > -500).float().mean()) > float((base[lung] > -500).float().mean()) + 0.01
+    soft = (base > -50) & (base < 100)
+    assert float((fine - base)[soft].std()) == pytest.approx(20.0, rel=0.35)
+    assert torch.equal(fine[base < -999], base[base < -999])
+
+    def step_energy(v, axis):
+        return float(v[0].diff(dim=axis).pow(2).mean())
+
+    # fine detail has no preferred direction: it raises the through-plane (z) step energy relative to in-plane
+    ratio = lambda v: step_energy(v, 2) / step_energy(v, 0)  # noqa: E731
+    assert ratio(fine) > ratio(base)
+    with pytest.raises(ValueError, match="detail must be >= 0"):
+        thorax_phantom((32, 32, 32), 8.0, detail=-1.0)
+
+
 def test_slab_average_positions_and_values():
     vol, _ = thorax_phantom((16, 16, 20), (1.0, 1.0, 1.0), seed=0)
     thick = slab_average(vol, 5)
