@@ -10,8 +10,8 @@ from ctsynth.cli import main
 from ctsynth.io import load_volume, save_nifti
 from ctsynth.metrics import compute_image_metrics
 from ctsynth.phantoms import grid_affine, slab_average, thorax_phantom
-from ctsynth.slices import (SliceRefiner, degrade_along, fit_refiner, interpolate_slices, load_refiner, paired_pairs,
-                            refine_volume, save_refiner, self_supervised_pairs)
+from ctsynth.slices import (SliceRefiner, degrade_along, fit_refiner, fit_self_supervised_refiner, interpolate_slices,
+                            load_refiner, paired_pairs, refine_volume, save_refiner, self_supervised_pairs)
 
 
 def _ramp(n_slices=10, spacing=5.0):
@@ -93,6 +93,31 @@ def test_self_supervised_pairs_undo_in_plane_degradation():
         out = unscale_hu(model(planes)[:, 0], model.window).permute(1, 2, 0)
     after = compute_image_metrics(out[None], high, window=(-1000, 1000))["psnr"]
     assert after > before
+
+
+def test_self_supervised_refiner_gets_mirrored_context_at_the_stack_ends(tmp_path):
+    # its training planes are in-plane slices whose borders are air; the first and last slices of a stack cut
+    # through the body, which it never saw: mirrored context keeps them from being mangled
+    thin, _ = thorax_phantom((48, 48, 60), 2.0, seed=11, detail=1.0)
+    thick = slab_average(thin, 5)
+    up = interpolate_slices(thick, spacing_mm=2.0, mode="cubic")
+    gt = thin.as_tensor()[0, ..., 2:2 + up.shape[3]].clamp(-1000, 1000)
+    model = fit_self_supervised_refiner(thick, steps=80, seed=0, progress=False)
+    assert model.context_rows == 8
+
+    def end_mse(m):
+        err = (refine_volume(m, up).as_tensor()[0].clamp(-1000, 1000) - gt).pow(2)
+        return float(torch.cat([err[..., :2], err[..., -2:]], -1).mean()), err
+
+    with_context, err_ctx = end_mse(model)
+    model.context_rows = 0
+    without, err_none = end_mse(model)
+    assert with_context < 0.5 * without, (with_context, without)
+    assert float(err_ctx.mean()) < float(err_none.mean())  # (instance norm: the interior changes a little too)
+    model.context_rows = 8
+    assert load_refiner(save_refiner(model, tmp_path / "ss.pt")).context_rows == 8
+    with pytest.raises(ValueError, match="context_rows must be >= 0"):
+        SliceRefiner(context_rows=-1)
 
 
 def test_cli_interpolate(tmp_path, capsys):

@@ -30,7 +30,8 @@ from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
            "degrade_along", "self_supervised_pairs", "paired_pairs",
-           "SliceRefiner", "fit_refiner", "refine_volume", "save_refiner", "load_refiner", "STUDY_METHODS",
+           "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "refine_volume", "save_refiner", "load_refiner",
+           "STUDY_METHODS",
            "SLICE_METHODS", "interpolate_study"]
 
 logger = logging.getLogger(__name__)
@@ -168,14 +169,26 @@ class SliceRefiner(nn.Module):
 
     Input and output: (N, 1, H, W) images in [0, 1] (HU window ``window``), rows = the degraded axis. Any
     H, W (padded to multiples of 16 inside).
+
+    Args:
+        features: BasicUNet widths.
+        window: HU window mapped to [0, 1].
+        context_rows: mirrored rows added at both ends of the slice axis when :func:`refine_volume` applies it
+            (0: none). A refiner fitted on in-plane planes (self-supervised) has only seen air at its images'
+            borders, never a border cutting through the body as the first and last slices of a stack do; without
+            the mirrored context it measured 20x cubic's error on the first slice of a phantom.
     """
 
-    def __init__(self, features: Sequence[int] = (16, 16, 32, 32, 64, 16), window: Sequence[float] = (-1024.0, 3071.0)):
+    def __init__(self, features: Sequence[int] = (16, 16, 32, 32, 64, 16), window: Sequence[float] = (-1024.0, 3071.0),
+                 context_rows: int = 0):
         super().__init__()
         from monai.networks.nets import BasicUNet
 
+        if context_rows < 0:
+            raise ValueError(f"context_rows must be >= 0, got {context_rows}")
         self.window = tuple(float(w) for w in window)
         self.features = tuple(int(f) for f in features)
+        self.context_rows = int(context_rows)
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=self.features,
                               norm=("instance", {"affine": True}))
         last = self.unet.final_conv.conv if hasattr(self.unet.final_conv, "conv") else self.unet.final_conv
@@ -243,9 +256,14 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
 @torch.no_grad()
 def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chunk: int = 32) -> MetaTensor:
     """Applies a refiner to a (1, X, Y, Z) HU volume interpolated along ``axis``: the planes containing the
-    axis are refined in both orientations and averaged. Returns HU with the input's affine."""
+    axis are refined in both orientations and averaged (with ``model.context_rows`` mirrored slices of context at
+    both ends of ``axis``). Returns HU with the input's affine."""
     vol = scale_hu(torch.as_tensor(upsampled).float()[0], model.window)
     vol = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
+    n = vol.shape[axis]
+    r = min(int(getattr(model, "context_rows", 0)), n - 1)
+    if r:
+        vol = torch.cat([vol.narrow(axis, 1, r).flip(axis), vol, vol.narrow(axis, n - 1 - r, r).flip(axis)], axis)
     acc = torch.zeros_like(vol)
     model.eval()
     for normal in (i for i in range(3) if i != axis):
@@ -254,7 +272,16 @@ def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chu
         order = [0, 0, 0]  # undo _planes' (normal, axis, cols) order
         order[normal], order[axis], order[3 - axis - normal] = 0, 1, 2
         acc += out.permute(*order)
+    acc = acc.narrow(axis, r, n)
     return MetaTensor(unscale_hu(acc / 2, model.window)[None], affine=torch.as_tensor(upsampled.affine).clone())
+
+
+def fit_self_supervised_refiner(thick: MetaTensor, steps: int = 400, seed: int = 0, progress: bool = True,
+                                context_rows: int = 8, slice_axis: int = 2) -> SliceRefiner:
+    """A refiner fitted on a thick volume alone (:func:`self_supervised_pairs`), with ``context_rows`` of mirrored
+    context at the ends of the stack when applied (see :class:`SliceRefiner`; 8 measured best of 0 / 8 / 16)."""
+    return fit_refiner(self_supervised_pairs(thick, slice_axis), steps=steps, seed=seed, progress=progress,
+                       model=SliceRefiner(context_rows=context_rows))
 
 
 def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None) -> Path:
@@ -262,7 +289,7 @@ def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None
     from ctsynth.engine import atomic_torch_save
 
     return atomic_torch_save({"network": model.state_dict(), "meta": {"features": list(model.features),
-                              "window": list(model.window), **(meta or {})}}, path)
+                              "window": list(model.window), "context_rows": model.context_rows, **(meta or {})}}, path)
 
 
 def load_refiner(path: str | Path) -> SliceRefiner:
@@ -277,7 +304,7 @@ def load_refiner(path: str | Path) -> SliceRefiner:
     if "features" not in meta:
         raise ValueError(f"{path}: not a slice refiner (no 'features' in its meta); train one with "
                          "`ctsynth interpolate ... --method self-supervised --save-model PATH`")
-    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)))
+    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), int(meta.get("context_rows", 0)))
     load_network_weights(model, path)
     return model.eval()
 
@@ -312,8 +339,7 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
     aff = torch.as_tensor(volume.affine, dtype=torch.float64)
     pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
     up = interpolate_slices(volume, spacing_mm=pixel, mode="cubic")
-    net = load_refiner(model) if method == "refiner" else fit_refiner(self_supervised_pairs(volume), steps=steps,
-                                                                         seed=seed)
+    net = load_refiner(model) if method == "refiner" else fit_self_supervised_refiner(volume, steps=steps, seed=seed)
     if save_model and method == "self-supervised":
         save_refiner(net, save_model, {"trained_on": str(volume.meta.get("filename_or_obj", "")), "steps": steps})
     result = refine_volume(net, up)

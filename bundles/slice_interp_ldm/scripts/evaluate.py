@@ -32,7 +32,7 @@ from ctsynth.maisi import ct_to_unit, unit_to_ct
 from ctsynth.metrics import compute_image_metrics
 from ctsynth.plots import save_reformat_png
 from ctsynth.prepare import load_datalist, slice_spacing_mm
-from ctsynth.slices import (fit_refiner, interpolate_slices, load_refiner, refine_volume, self_supervised_pairs,
+from ctsynth.slices import (fit_self_supervised_refiner, interpolate_slices, load_refiner, refine_volume,
                             thin_grid_offset_mm)
 
 from .inference import SliceInterpolator
@@ -99,7 +99,7 @@ class SliceInterpEvaluation:
         if method == "refiner":
             self._refiner = self._refiner or load_refiner(self.refiner_path)
             return self._refined(self._refiner, thick, sn, n, offset)
-        model = fit_refiner(self_supervised_pairs(thick), steps=self.ss_steps, seed=self.seed, progress=False)
+        model = fit_self_supervised_refiner(thick, steps=self.ss_steps, seed=self.seed, progress=False)
         return self._refined(model, thick, sn, n, offset)
 
     def run(self) -> dict[str, Any]:
