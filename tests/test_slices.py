@@ -103,7 +103,7 @@ def test_self_supervised_refiner_gets_mirrored_context_at_the_stack_ends(tmp_pat
     up = interpolate_slices(thick, spacing_mm=2.0, mode="cubic")
     gt = thin.as_tensor()[0, ..., 2:2 + up.shape[3]].clamp(-1000, 1000)
     model = fit_self_supervised_refiner(thick, steps=80, seed=0, progress=False)
-    assert model.context_rows == 8
+    assert model.context_rows == 8 and model.norm == "batch"
 
     def end_mse(m):
         err = (refine_volume(m, up).as_tensor()[0].clamp(-1000, 1000) - gt).pow(2)
@@ -115,9 +115,13 @@ def test_self_supervised_refiner_gets_mirrored_context_at_the_stack_ends(tmp_pat
     assert with_context < 0.5 * without, (with_context, without)
     assert float(err_ctx.mean()) < float(err_none.mean())  # (instance norm: the interior changes a little too)
     model.context_rows = 8
-    assert load_refiner(save_refiner(model, tmp_path / "ss.pt")).context_rows == 8
+    again = load_refiner(save_refiner(model, tmp_path / "ss.pt"))
+    assert again.context_rows == 8 and again.norm == "batch"
+    assert torch.equal(refine_volume(again, up), refine_volume(model, up))
     with pytest.raises(ValueError, match="context_rows must be >= 0"):
         SliceRefiner(context_rows=-1)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        SliceRefiner(norm="group")
 
 
 def test_cli_interpolate(tmp_path, capsys):
@@ -169,7 +173,7 @@ def test_self_supervised_refiner_beats_cubic_without_thin_data():
     thick = slab_average(thin, 5)
     up = interpolate_slices(thick, spacing_mm=2.0, mode="cubic")
     gt = MetaTensor(thin.as_tensor()[..., 2:2 + up.shape[3]], affine=up.affine)
-    model = fit_refiner(self_supervised_pairs(thick), steps=150, patch=48, batch=16, seed=0, progress=False)
+    model = fit_self_supervised_refiner(thick, steps=150, seed=0, progress=False)
     cubic = compute_image_metrics(up, gt, window=(-1000, 1000))["psnr"]
     refined = compute_image_metrics(refine_volume(model, up), gt, window=(-1000, 1000))["psnr"]
     assert refined > cubic + 0.5, (refined, cubic)

@@ -156,9 +156,12 @@ class LatentCodec:
     def _sliding(self, x: torch.Tensor, roi: Sequence[int], fn) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
+        from ctsynth.inferers import gaussian_blend_weights
+
         try:
             return sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=1, predictor=fn, overlap=self.overlap,
-                                            mode="gaussian", padding_mode="replicate", progress=False)
+                                            mode="gaussian", padding_mode="replicate", progress=False,
+                                            roi_weight_map=gaussian_blend_weights(roi))
         except RuntimeError as e:
             if "Kernel size can't be greater" in str(e):
                 splits = getattr(getattr(self.ae, "encoder", None), "num_splits", "?")

@@ -173,24 +173,34 @@ class SliceRefiner(nn.Module):
     Args:
         features: BasicUNet widths.
         window: HU window mapped to [0, 1].
+        norm: ``instance`` (statistics of each image) or ``batch`` (statistics learnt in training, used as they
+            are at inference: a plane is normalised the same whatever its extent and content, which matters when
+            the training planes are not the planes refined, as for a self-supervised fit: axial planes in
+            training, coronal and sagittal ones when applied; measured 0.4-0.7 dB closer to cubic than
+            ``instance`` on phantoms).
         context_rows: mirrored rows added at both ends of the slice axis when :func:`refine_volume` applies it
             (0: none). A refiner fitted on in-plane planes (self-supervised) has only seen air at its images'
             borders, never a border cutting through the body as the first and last slices of a stack do; without
             the mirrored context it measured 20x cubic's error on the first slice of a phantom.
     """
 
+    NORMS = ("instance", "batch")
+
     def __init__(self, features: Sequence[int] = (16, 16, 32, 32, 64, 16), window: Sequence[float] = (-1024.0, 3071.0),
-                 context_rows: int = 0):
+                 context_rows: int = 0, norm: str = "instance"):
         super().__init__()
         from monai.networks.nets import BasicUNet
 
         if context_rows < 0:
             raise ValueError(f"context_rows must be >= 0, got {context_rows}")
+        if norm not in self.NORMS:
+            raise ValueError(f"norm must be one of {self.NORMS}, got {norm!r}")
+        self.norm = norm
         self.window = tuple(float(w) for w in window)
         self.features = tuple(int(f) for f in features)
         self.context_rows = int(context_rows)
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=self.features,
-                              norm=("instance", {"affine": True}))
+                              norm=("instance", {"affine": True}) if norm == "instance" else ("batch", {}))
         last = self.unet.final_conv.conv if hasattr(self.unet.final_conv, "conv") else self.unet.final_conv
         nn.init.zeros_(last.weight)  # starts as the identity on the interpolated input
         nn.init.zeros_(last.bias)
@@ -277,11 +287,12 @@ def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chu
 
 
 def fit_self_supervised_refiner(thick: MetaTensor, steps: int = 400, seed: int = 0, progress: bool = True,
-                                context_rows: int = 8, slice_axis: int = 2) -> SliceRefiner:
+                                context_rows: int = 8, norm: str = "batch", slice_axis: int = 2) -> SliceRefiner:
     """A refiner fitted on a thick volume alone (:func:`self_supervised_pairs`), with ``context_rows`` of mirrored
-    context at the ends of the stack when applied (see :class:`SliceRefiner`; 8 measured best of 0 / 8 / 16)."""
+    context at the ends of the stack when applied (8 measured best of 0 / 8 / 16) and ``batch`` normalisation
+    (see :class:`SliceRefiner`)."""
     return fit_refiner(self_supervised_pairs(thick, slice_axis), steps=steps, seed=seed, progress=progress,
-                       model=SliceRefiner(context_rows=context_rows))
+                       model=SliceRefiner(context_rows=context_rows, norm=norm))
 
 
 def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None) -> Path:
@@ -289,7 +300,8 @@ def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None
     from ctsynth.engine import atomic_torch_save
 
     return atomic_torch_save({"network": model.state_dict(), "meta": {"features": list(model.features),
-                              "window": list(model.window), "context_rows": model.context_rows, **(meta or {})}}, path)
+                              "window": list(model.window), "context_rows": model.context_rows,
+                              "norm": model.norm, **(meta or {})}}, path)
 
 
 def load_refiner(path: str | Path) -> SliceRefiner:
@@ -304,7 +316,8 @@ def load_refiner(path: str | Path) -> SliceRefiner:
     if "features" not in meta:
         raise ValueError(f"{path}: not a slice refiner (no 'features' in its meta); train one with "
                          "`ctsynth interpolate ... --method self-supervised --save-model PATH`")
-    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), int(meta.get("context_rows", 0)))
+    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), int(meta.get("context_rows", 0)),
+                         meta.get("norm", "instance"))
     load_network_weights(model, path)
     return model.eval()
 

@@ -80,6 +80,8 @@ class LatentDiffusionSampler:
     def _denoise(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
+        from ctsynth.inferers import gaussian_blend_weights
+
         inp = torch.cat([x, cond], dim=1)
 
         def predictor(w: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,8 @@ class LatentDiffusionSampler:
             return predictor(inp)
         roi = (inp.shape[-3], inp.shape[-2], self.window)
         return sliding_window_inference(inp, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=self.overlap,
-                                        mode="gaussian", padding_mode="replicate", progress=False)
+                                        mode="gaussian", padding_mode="replicate", progress=False,
+                                        roi_weight_map=gaussian_blend_weights(roi))
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, generator: torch.Generator | None = None,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctsynth.inferers import gaussian_blend_weights
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
@@ -165,10 +166,8 @@ class PatchwiseVQGAN:
     (``gaussian`` or ``constant`` = linear averaging) into an output kept on ``stitch_device`` (CPU by default,
     so a full volume never sits on the GPU). Sizes are padded to the window grid and cropped back.
 
-    The Gaussian weights (sigma = 1/8 of the window per axis) are passed to MONAI without its floor of 1e-3: MONAI
-    clamps its 3D map there, which is already reached two sigmas off-centre along two axes, so near those
-    windows' faces every covering window weighed the same and a window's border artefacts (zero padding of the
-    convolutions) came through at full weight: measured 6x the usual voxel step exactly on the window borders.
+    The Gaussian weights (sigma = 1/8 of the window per axis) are passed to MONAI without its floor of 1e-3
+    (:func:`ctsynth.inferers.gaussian_blend_weights`), which let window-border artefacts through.
 
     Args:
         model: the VQ-GAN (or any (B, C, ...) -> (B, C, ...) image model returning a tensor or a tuple whose first
@@ -215,15 +214,9 @@ class PatchwiseVQGAN:
         return cls(model, [max(min(int(r) // m * m, p), m) for r, p in zip(roi_size, padded)], **kwargs)
 
     def blend_weights(self, roi: Sequence[int]) -> torch.Tensor | None:
-        """(1, 1, *roi) blending weights for ``gaussian`` (separable, scaled so the smallest is 1: no floor);
-        ``None`` for ``constant``."""
-        if self.mode != "gaussian":
-            return None
-        w = torch.ones(())
-        for r in roi:
-            t = torch.arange(int(r), dtype=torch.float64) - (int(r) - 1) / 2.0
-            w = w[..., None] * torch.exp(-0.5 * (t / (0.125 * int(r))) ** 2)
-        return (w / w.min()).float()[None, None]
+        """(1, 1, *roi) blending weights for ``gaussian`` (:func:`ctsynth.inferers.gaussian_blend_weights`: no
+        floor); ``None`` for ``constant``."""
+        return gaussian_blend_weights(roi) if self.mode == "gaussian" else None
 
     @property
     def multiple(self) -> int:
