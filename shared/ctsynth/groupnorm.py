@@ -46,11 +46,12 @@ def window_cores(windows: Sequence[tuple[slice, ...]], shape: Sequence[int],
     Returns:
         For each window, slices relative to the window's own origin.
     """
+    axis_bounds = [sorted({(w[a].start, w[a].stop) for w in windows}) for a in range(len(shape))]
     cores = []
     for win in windows:
         core = []
         for a, sl in enumerate(win):
-            bounds = sorted({(w[a].start, w[a].stop) for w in windows})
+            bounds = axis_bounds[a]
             j = bounds.index((sl.start, sl.stop))
             lo, hi = 0, int(shape[a])
             if j > 0:
