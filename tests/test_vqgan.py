@@ -35,6 +35,39 @@ def test_shapes_codes_and_straight_through_gradients(shape):
     assert torch.equal(model.decode_indices(idx), model.decode(model.quantizer.embed(idx)))
 
 
+@pytest.mark.parametrize("r, shape", [(2, (2, 3, 4, 6, 8)), (3, (1, 1, 6, 9, 3))])
+def test_space_to_depth_is_a_lossless_rearrangement(r, shape):
+    x = torch.arange(float(torch.tensor(shape).prod())).reshape(shape)
+    cells = vqgan.SpaceToDepth3D(r)(x)
+    assert cells.shape == (shape[0], shape[1] * r ** 3, *(s // r for s in shape[2:]))
+    # channel k of cell (i, j, l) holds voxel (r*i + a, r*j + b, r*l + c) of the input channel k // r^3
+    a, b, c = 1, 0, r - 1
+    k = (a * r + b) * r + c
+    assert torch.equal(cells[:, k, 1, 0, 0], x[:, 0, r + a, b, c])
+    assert torch.equal(vqgan.DepthToSpace3D(r)(cells), x)
+
+
+@pytest.mark.parametrize("stem_stride, channels, downsample", [(1, (8, 16), 2), (2, (8, 16), 4), (2, (8, 16, 16), 8)])
+def test_stem_stride_sets_the_downsampling_and_no_layer_runs_at_full_resolution(stem_stride, channels, downsample):
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(channels=channels, num_res_blocks=1, num_embeddings=16, embedding_dim=4, norm_groups=4,
+                          stem_stride=stem_stride)
+    assert model.downsample == downsample and model.config["stem_stride"] == stem_stride
+    x = torch.rand(2, 1, 16, 8, 24)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-3:]))
+             for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    recon, loss, idx = model(x)
+    for h in hooks:
+        h.remove()
+    assert recon.shape == x.shape and idx.shape == (2, 16 // downsample, 8 // downsample, 24 // downsample)
+    assert (max(s[0] for s in sizes) == 16) == (stem_stride == 1)  # the largest feature map any convolution makes
+    (torch.nn.functional.l1_loss(recon, x) + loss).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+    with pytest.raises(ValueError, match="stem_stride must be a positive integer"):
+        vqgan.VQGAN3D(channels=channels, stem_stride=0)
+
+
 def test_bfloat16_autocast_stays_finite():
     torch.manual_seed(0)
     model = vqgan.VQGAN3D(**TINY)

@@ -42,7 +42,8 @@ def test_training_logs_codebook_and_resumes(trained):
     assert {"loss_l1", "loss_commitment", "loss_perceptual"} <= set(hist[0])
     run_bundle("xray2ctpa_vqgan", ["train.json"], "training", {**over, "epochs": 2})
     last = torch.load(root / "models" / "vqgan" / "checkpoint_last.pt", weights_only=True)
-    assert last["trainer"]["epoch"] == 2 and {"discriminator", "d_optimizer"} <= set(last)
+    assert last["trainer"]["epoch"] == 2 and {"discriminator", "d_optimizer", "lr_scheduler"} <= set(last)
+    assert last["lr_scheduler"]["last_epoch"] == 2  # the cosine schedule was restored and stepped on after resuming
     hist = json.loads((root / "eval" / "vqgan" / "history.json").read_text())["epochs"]
     assert [h["epoch"] for h in hist] == [1, 2] and "loss_adv" in hist[1]
 

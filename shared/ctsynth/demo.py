@@ -264,9 +264,10 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     return summary
 
 
-#: the xray2ctpa_vqgan demo: a tiny VQ-GAN (4x per axis, 256 x 16 codebook), denoiser and PE classifier that
-#: train in a few minutes each on 2 CPU cores
-CTPA_DEMO_VQGAN = {"network_def#channels": [16, 32, 64], "network_def#num_res_blocks": 1,
+#: the xray2ctpa_vqgan demo: a tiny VQ-GAN (4x per axis: 2x space-to-depth, then one stride-2 stage; 256 x 16
+#: codebook), denoiser and PE classifier that train in a few minutes each on 2 CPU cores. The space-to-depth stem
+#: makes a step 4.5x cheaper than a full-resolution stage of widths 16/32/64 at about the same PSNR per step.
+CTPA_DEMO_VQGAN = {"network_def#channels": [32, 64], "network_def#num_res_blocks": 1, "network_def#stem_stride": 2,
                    "network_def#num_embeddings": 256, "network_def#embedding_dim": 16, "network_def#norm_groups": 8}
 CTPA_DEMO_DENOISER = {
     "network_def#xray_channels": [16, 32, 64], "network_def#token_dim": 64, "network_def#token_grid": 8,
@@ -275,7 +276,7 @@ CTPA_DEMO_DENOISER = {
 }
 CTPA_DEMO_CLASSIFIER = {"classifier_def#block_inplanes": [8, 16, 32, 64]}
 CTPA_DEMO_SCHEDULE = {  # (epochs, iterations per epoch (0: all), batch size, learning rate) per model
-    "vqgan": (14, 0, 2, 1e-3), "diffusion": (10, 40, 4, 1e-3), "classifier": (15, 0, 4, 3e-4), "steps": 25,
+    "vqgan": (75, 0, 2, 1e-3), "diffusion": (10, 40, 4, 1e-3), "classifier": (15, 0, 4, 3e-4), "steps": 25,
 }
 
 

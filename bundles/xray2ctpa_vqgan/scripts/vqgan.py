@@ -1,9 +1,10 @@
 """3D VQ-GAN for CT pulmonary angiography: encoder, EMA codebook with dead-code restart, decoder, and the
 patch-wise path that encodes and decodes full volumes in overlapping windows.
 
-Encoder: a 3x3x3 stem, then ``len(channels) - 1`` stages of residual blocks (GroupNorm or BatchNorm, SiLU) each ending in a
+Encoder: an optional space-to-depth step (``stem_stride``), a 3x3x3 stem, then ``len(channels) - 1`` stages of residual blocks (GroupNorm or BatchNorm, SiLU) each ending in a
 stride-2 convolution (three for the seed: 8x compression per axis), residual blocks at the bottom, and a 1x1
-projection to the code width. Decoder: the mirror image, with nearest-neighbour upsampling + convolution.
+projection to the code width. Decoder: the mirror image, with nearest-neighbour upsampling + convolution, ending in
+depth-to-space when ``stem_stride`` > 1.
 MONAI's ``VQVAE`` has no normalisation layers and no dead-code restart, hence this network; the quantiser is
 :class:`ctsynth.vq.RestartingEMAQuantizer` (MONAI's ``EMAQuantizer`` underneath).
 
@@ -23,7 +24,7 @@ from ctsynth.inferers import gaussian_blend_weights
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
-__all__ = ["VQGAN3D", "VQGAN3DReconstructor", "PatchwiseVQGAN"]
+__all__ = ["VQGAN3D", "VQGAN3DReconstructor", "PatchwiseVQGAN", "SpaceToDepth3D", "DepthToSpace3D"]
 
 
 class _Norm(nn.GroupNorm):
@@ -50,6 +51,42 @@ class _BatchNorm(nn.BatchNorm3d):
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     return _BatchNorm(channels) if kind == "batch" else _Norm(_groups(channels, groups), channels)
+
+
+class SpaceToDepth3D(nn.Module):
+    """Moves each ``r`` x ``r`` x ``r`` block of voxels into channels (3D pixel unshuffle): no parameters, no loss.
+
+    Shapes:
+        (B, C, X, Y, Z), sizes divisible by ``r`` -> (B, C * r^3, X / r, Y / r, Z / r).
+    """
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = int(r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, nx, ny, nz = x.shape
+        r = self.r
+        x = x.reshape(b, c, nx // r, r, ny // r, r, nz // r, r).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return x.reshape(b, c * r ** 3, nx // r, ny // r, nz // r)
+
+
+class DepthToSpace3D(nn.Module):
+    """The inverse of :class:`SpaceToDepth3D` (3D pixel shuffle).
+
+    Shapes:
+        (B, C * r^3, X, Y, Z) -> (B, C, X * r, Y * r, Z * r).
+    """
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = int(r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, nx, ny, nz = x.shape
+        r = self.r
+        x = x.reshape(b, c // r ** 3, r, r, r, nx, ny, nz).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return x.reshape(b, c // r ** 3, nx * r, ny * r, nz * r)
 
 
 class _ResBlock(nn.Module):
@@ -79,6 +116,11 @@ class VQGAN3D(nn.Module):
             differently from the same voxels inside the whole volume) or ``batch`` (BatchNorm: at inference the
             running statistics, identical for windows and whole volumes, so the patch-wise path has no
             normalisation seams; measured lower quality in short training, see docs/README.md).
+        stem_stride: 1 (the seed): the first stage runs at full resolution. ``r`` > 1: each r x r x r block of
+            voxels is moved into channels first (:class:`SpaceToDepth3D`) and the decoder ends in the inverse,
+            so no layer runs at full resolution; the total downsampling is ``r * 2 ** (len(channels) - 1)``. With
+            ``r`` = 2 and widths 32/64 the demo's 4x VQ-GAN trains 7x faster per step than with a full-resolution
+            stage of widths 16/32/64, at the same PSNR per step (docs/README.md).
 
     Shapes:
         forward(x (B, C, X, Y, Z), each size divisible by :attr:`downsample`) ->
@@ -90,8 +132,11 @@ class VQGAN3D(nn.Module):
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (64, 128, 192, 256), num_res_blocks: int = 2,
                  num_embeddings: int = 512, embedding_dim: int = 64, commitment_cost: float = 0.25,
                  decay: float = 0.99, restart_threshold: float = 1.0, norm_groups: int = 32,
-                 norm: str = "group") -> None:
+                 norm: str = "group", stem_stride: int = 1) -> None:
         super().__init__()
+        if int(stem_stride) != stem_stride or stem_stride < 1:
+            raise ValueError(f"stem_stride must be a positive integer (1: full-resolution stem), got {stem_stride!r}")
+        stem_stride = int(stem_stride)
         if norm not in self.NORMS:
             raise ValueError(f"norm must be one of {self.NORMS}, got {norm!r}")
         if len(channels) < 2:
@@ -100,9 +145,11 @@ class VQGAN3D(nn.Module):
         self.config = {"in_channels": in_channels, "channels": ch, "num_res_blocks": num_res_blocks,
                        "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
                        "commitment_cost": commitment_cost, "decay": decay, "restart_threshold": restart_threshold,
-                       "norm_groups": norm_groups, "norm": norm}
-        self.downsample = 2 ** (len(ch) - 1)
-        enc: list[nn.Module] = [nn.Conv3d(in_channels, ch[0], 3, padding=1)]
+                       "norm_groups": norm_groups, "norm": norm, "stem_stride": stem_stride}
+        self.downsample = stem_stride * 2 ** (len(ch) - 1)
+        cells = stem_stride ** 3  # voxels per stem cell
+        enc: list[nn.Module] = [SpaceToDepth3D(stem_stride)] if stem_stride > 1 else []
+        enc.append(nn.Conv3d(in_channels * cells, ch[0], 3, padding=1))
         for i in range(len(ch) - 1):
             enc += [_ResBlock(ch[i], ch[i], norm_groups, norm) for _ in range(num_res_blocks)]
             enc.append(nn.Conv3d(ch[i], ch[i + 1], 4, stride=2, padding=1))
@@ -116,7 +163,9 @@ class VQGAN3D(nn.Module):
         for i in range(len(ch) - 1, 0, -1):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(ch[i], ch[i - 1], 3, padding=1)]
             dec += [_ResBlock(ch[i - 1], ch[i - 1], norm_groups, norm) for _ in range(num_res_blocks)]
-        dec += [_norm(norm, ch[0], norm_groups), nn.SiLU(), nn.Conv3d(ch[0], in_channels, 3, padding=1)]
+        dec += [_norm(norm, ch[0], norm_groups), nn.SiLU(), nn.Conv3d(ch[0], in_channels * cells, 3, padding=1)]
+        if stem_stride > 1:
+            dec.append(DepthToSpace3D(stem_stride))
         self.decoder = nn.Sequential(*dec)
 
     def _check(self, x: torch.Tensor) -> None:
