@@ -53,6 +53,17 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     return _BatchNorm(channels) if kind == "batch" else _Norm(_groups(channels, groups), channels)
 
 
+def _voxel_shuffle(x: torch.Tensor, r: int, to_channels: bool) -> torch.Tensor:
+    """r x r x r voxel blocks into channels (``to_channels``) or back; channel ``k * r^3 + (a * r + b) * r + c``
+    holds offset (a, b, c) of input channel ``k``."""
+    n, c, sx, sy, sz = x.shape
+    if to_channels:
+        x = x.reshape(n, c, sx // r, r, sy // r, r, sz // r, r).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return x.reshape(n, c * r ** 3, sx // r, sy // r, sz // r)
+    x = x.reshape(n, c // r ** 3, r, r, r, sx, sy, sz).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(n, c // r ** 3, sx * r, sy * r, sz * r)
+
+
 class SpaceToDepth3D(nn.Module):
     """Moves each ``r`` x ``r`` x ``r`` block of voxels into channels (3D pixel unshuffle): no parameters, no loss.
 
@@ -65,28 +76,18 @@ class SpaceToDepth3D(nn.Module):
         self.r = int(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, nx, ny, nz = x.shape
-        r = self.r
-        x = x.reshape(b, c, nx // r, r, ny // r, r, nz // r, r).permute(0, 1, 3, 5, 7, 2, 4, 6)
-        return x.reshape(b, c * r ** 3, nx // r, ny // r, nz // r)
+        return _voxel_shuffle(x, self.r, True)
 
 
-class DepthToSpace3D(nn.Module):
+class DepthToSpace3D(SpaceToDepth3D):
     """The inverse of :class:`SpaceToDepth3D` (3D pixel shuffle).
 
     Shapes:
         (B, C * r^3, X, Y, Z) -> (B, C, X * r, Y * r, Z * r).
     """
 
-    def __init__(self, r: int) -> None:
-        super().__init__()
-        self.r = int(r)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, nx, ny, nz = x.shape
-        r = self.r
-        x = x.reshape(b, c // r ** 3, r, r, r, nx, ny, nz).permute(0, 1, 5, 2, 6, 3, 7, 4)
-        return x.reshape(b, c // r ** 3, nx * r, ny * r, nz * r)
+        return _voxel_shuffle(x, self.r, False)
 
 
 class _ResBlock(nn.Module):
