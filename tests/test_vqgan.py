@@ -1,5 +1,6 @@
 """xray2ctpa_vqgan network pieces: the 3D VQ-GAN generator and the patch-wise (sliding-window) path."""
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -213,6 +214,29 @@ def test_batch_norm_treats_a_window_as_the_whole_volume_does(norm, local):
     x = torch.randn(1, 8, 12, 12, 12) * torch.linspace(0.5, 4.0, 12)  # statistics vary along z
     same = torch.allclose(layer(x)[..., :6], layer(x[..., :6]), atol=1e-5)
     assert same is local
+
+
+def test_pixel_loss_mse_is_the_squared_error_and_options_are_checked():
+    from monai.engines import SupervisedTrainer
+
+    eng = _engine_module()
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY)
+    x = torch.rand(2, 1, 16, 16, 16)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": x}],
+                                network=model, optimizer=torch.optim.SGD(model.parameters(), 0.0),
+                                loss_function=torch.nn.MSELoss(), decollate=False)
+    trainer.state.iteration = trainer.state.epoch = 1
+    reference = copy.deepcopy(model)  # the same state: the training forward updates the EMA codebook
+    torch.manual_seed(1)
+    out = eng.VQGANIteration(pixel_loss="mse")(trainer, {"image": x})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        recon = reference(x)[0]
+    assert set(out["terms"]) == {"mse", "commitment"}
+    assert out["terms"]["mse"] == pytest.approx(float(((recon - x) ** 2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="pixel_loss must be one of"):
+        eng.VQGANIteration(pixel_loss="huber")
 
 
 def test_unknown_norm_is_named():

@@ -82,12 +82,14 @@ class ReconstructionIteration:
     """One training step of an image autoencoder (``iteration_update`` of MONAI's ``SupervisedTrainer``), or one
     validation reconstruction.
 
-    Loss: L1(reconstruction, input) + the model's own regularisation (:meth:`regularisation`: KL for a VAE,
+    Loss: L1 or MSE (``pixel_loss``) of reconstruction and input + the model's own regularisation (:meth:`regularisation`: KL for a VAE,
     commitment for a VQ model) + ``perceptual_weight`` x ``perceptual`` + the adversarial terms once active. The
     network returns ``(reconstruction, *extras)``; subclasses turn the extras into loss terms and outputs.
 
     Args:
         image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1].
+        pixel_loss: ``l1`` (the seeds) or ``mse`` (squared error: what PSNR scores; measured 2.4 dB higher PSNR
+            than L1 after 600 steps of the xray2ctpa demo's VQ-GAN, bundles/xray2ctpa_vqgan/docs/README.md).
         perceptual / perceptual_weight: perceptual loss on the reconstruction (None or weight 0: off).
         adversarial: adversarial terms (None: off).
         grad_clip / amp / max_nonfinite: see :func:`ctsynth.engine.optimisation_step` and
@@ -96,9 +98,14 @@ class ReconstructionIteration:
 
     def __init__(self, image_key: str = "image", perceptual: nn.Module | None = None, perceptual_weight: float = 1.0,
                  adversarial: AdversarialTerms | None = None, grad_clip: float | None = 1.0, amp: bool = False,
-                 max_nonfinite: int = 3) -> None:
+                 max_nonfinite: int = 3, pixel_loss: str = "l1") -> None:
+        if pixel_loss not in self.PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {self.PIXEL_LOSSES}, got {pixel_loss!r}")
+        self.pixel_loss = pixel_loss
         self.image_key, self.perceptual, self.perceptual_weight = image_key, perceptual, float(perceptual_weight)
         self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
+
+    PIXEL_LOSSES = ("l1", "mse")
 
     def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:
         """Weighted regularisation terms from the network's extra outputs (name -> scalar tensor)."""
@@ -130,9 +137,9 @@ class ReconstructionIteration:
         with engine_autocast(engine, self.amp):
             recon, *extras = engine.network(x)
         recon = recon.float()
-        l1 = F.l1_loss(recon, x)
-        loss = l1
-        terms = {"l1": float(l1.detach())}
+        pixel = F.l1_loss(recon, x) if self.pixel_loss == "l1" else F.mse_loss(recon, x)
+        loss = pixel
+        terms = {self.pixel_loss: float(pixel.detach())}
         for name, value in self.regularisation(tuple(extras)).items():
             loss = loss + value
             terms[name] = float(value.detach())
