@@ -123,6 +123,11 @@ def test_cli_bench_vqgan_small_with_plot(tmp_path, capsys):
     assert res["train_step"]["step_s"]["median_s"] > 0 and res["train_step"]["peak_memory_mb"] > 0
     assert res["patchwise"]["windows"] == 8 and res["patchwise"]["voxels_per_s"] > 0
     assert (tmp_path / "v.png").stat().st_size > 1000 and json.loads((tmp_path / "v.json").read_text()) == res
+    assert res["amp"] is False and res["amp_dtype"] == "torch.float32"
+    main(["bench", "vqgan", "--small", "--train-shape", "16", "16", "16", "--batch", "1", "--volume", "none",
+          "--repeats", "1", "--amp"])
+    res = _json_out(capsys)  # bfloat16 on CPU, as the bundle's training runs it
+    assert res["amp"] is True and res["amp_dtype"] == "torch.bfloat16" and "patchwise" not in res
 
 
 def test_plot_benchmark_needs_timings(tmp_path):

@@ -157,7 +157,7 @@ def test_resume_restores_the_amp_gradient_scaler(tmp_path, monkeypatch):
 
     def run(init_scale, epochs):
         # a float16 GPU as amp_settings sees it: AMP on with a fresh gradient scaler
-        monkeypatch.setattr(eng, "amp_settings", lambda device, enabled: (True, torch.float16,
+        monkeypatch.setattr(eng, "amp_settings", lambda device, enabled, cpu_bf16=False: (True, torch.float16,
                                                                           torch.amp.GradScaler("cpu", init_scale=init_scale)))
         model = nn.Linear(1, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -258,6 +258,8 @@ def test_load_network_weights_errors(tmp_path):
 
 def test_amp_settings_and_trainable_parameters():
     assert amp_settings("cpu", True) == (False, torch.float32, None)
+    assert amp_settings("cpu", True, cpu_bf16=True) == (True, torch.bfloat16, None)
+    assert amp_settings("cpu", False, cpu_bf16=True) == (False, torch.float32, None)
     net = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1))
     net[0].requires_grad_(False)
     assert len(trainable_parameters(net)) == 2

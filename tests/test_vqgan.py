@@ -239,6 +239,31 @@ def test_pixel_loss_mse_is_the_squared_error_and_options_are_checked():
         eng.VQGANIteration(pixel_loss="huber")
 
 
+@pytest.mark.parametrize("cpu_bf16, amp, dtype", [(True, True, torch.bfloat16), (True, False, torch.float32),
+                                                   (False, True, torch.float32)])
+def test_amp_runs_the_vqgan_in_bfloat16_on_cpu_and_only_where_declared_safe(cpu_bf16, amp, dtype):
+    from monai.engines import SupervisedTrainer
+
+    eng = _engine_module()
+    torch.manual_seed(0)
+    model = vqgan.VQGAN3D(**TINY)
+    seen = []
+    model.encoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.rand(2, 1, 16, 16, 16)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": x}],
+                                network=model, optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+                                loss_function=torch.nn.MSELoss(), decollate=False)
+    trainer.state.iteration = trainer.state.epoch = 1
+    iteration = eng.VQGANIteration(amp=amp, pixel_loss="mse")
+    iteration.cpu_bf16 = cpu_bf16  # the base class's default (False) is what the cascade and slice iterations see
+    before = [p.detach().clone() for p in model.parameters()]
+    out = iteration(trainer, {"image": x})
+    assert seen == [dtype] and out["pred"].dtype == torch.float32 and out["grad_norm"] is not None
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights, updated
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert trainer.ctsynth_amp == (dtype == torch.bfloat16, dtype, None)
+
+
 def test_unknown_norm_is_named():
     with pytest.raises(ValueError, match="norm must be one of"):
         vqgan.VQGAN3D(**TINY, norm="instance")

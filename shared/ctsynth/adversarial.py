@@ -106,6 +106,9 @@ class ReconstructionIteration:
         self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
 
     PIXEL_LOSSES = ("l1", "mse")
+    #: whether ``amp`` may run bfloat16 on CPU too (a subclass whose network is safe for it says so; see
+    #: :func:`ctsynth.engine.amp_settings`)
+    cpu_bf16: bool = False
 
     def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:
         """Weighted regularisation terms from the network's extra outputs (name -> scalar tensor)."""
@@ -130,11 +133,11 @@ class ReconstructionIteration:
         x = self._input(engine, batch)
         if not isinstance(engine, Trainer):
             engine.network.eval()
-            with torch.no_grad(), engine_autocast(engine, self.amp):
+            with torch.no_grad(), engine_autocast(engine, self.amp, self.cpu_bf16):
                 recon, *extras = engine.network(x)
             return {Keys.PRED: recon.float().clamp(0, 1), Keys.LABEL: x, **self.extra_outputs(tuple(extras))}
         engine.network.train()
-        with engine_autocast(engine, self.amp):
+        with engine_autocast(engine, self.amp, self.cpu_bf16):
             recon, *extras = engine.network(x)
         recon = recon.float()
         pixel = F.l1_loss(recon, x) if self.pixel_loss == "l1" else F.mse_loss(recon, x)
@@ -153,7 +156,7 @@ class ReconstructionIteration:
             loss = loss + g
             terms.update(gan_terms)
         norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
-                                 engine_amp(engine, self.amp)[2], self.max_nonfinite, terms)
+                                 engine_amp(engine, self.amp, self.cpu_bf16)[2], self.max_nonfinite, terms)
         if gan and norm is not None:
             terms["d_loss"] = self.adversarial.discriminator_step(engine, recon.detach(), x)
         return {Keys.PRED: recon.detach(), Keys.LABEL: x, Keys.LOSS: float(loss.detach()), "terms": terms,

@@ -275,7 +275,8 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
     the perceptual and adversarial terms add their own networks' cost), and the patch-wise path's throughput
     on a ``volume`` reconstructed in ``roi_size`` windows (25 % overlap, Gaussian blending, stitched on CPU).
 
-    ``network`` overrides the bundle's default widths (e.g. the demo's). On GPU the peak is
+    ``network`` overrides the bundle's default widths (e.g. the demo's). ``amp``: bfloat16 autocast, on CPU too
+    (as in training). On GPU the peak is
     ``torch.cuda.max_memory_allocated``; on CPU the process peak RSS (an upper bound).
     """
     from ctsynth.bundles import bundle_module
@@ -284,7 +285,7 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
     vqgan = bundle_module("xray2ctpa_vqgan", "vqgan")
     torch.manual_seed(0)
     net = vqgan.VQGAN3D(**(network or {})).to(device)
-    enabled, dtype, scaler = amp_settings(device, amp)
+    enabled, dtype, scaler = amp_settings(device, amp, cpu_bf16=True)  # as the bundle's VQGANIteration
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
     x = torch.rand(int(batch), 1, *[int(s) for s in size], device=device)
 

@@ -111,13 +111,18 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 _AMP_NOTICE: list[bool] = []
 
 
-def amp_settings(device: torch.device | str, enabled: bool) -> tuple[bool, torch.dtype, torch.amp.GradScaler | None]:
+def amp_settings(device: torch.device | str, enabled: bool,
+                 cpu_bf16: bool = False) -> tuple[bool, torch.dtype, torch.amp.GradScaler | None]:
     """(enabled, dtype, scaler) for mixed precision.
 
     On GPU: bfloat16 where supported (no scaler needed), otherwise float16 with a gradient scaler. On CPU AMP
-    is turned off: bf16 ``grid_sample`` (used by the projector and back-projection) crashes in torch 2.13.
+    is bfloat16 where the caller says its network is safe for it (``cpu_bf16``: no ``grid_sample``, norms and
+    distances kept in float32, as the VQ-GAN), otherwise off: bf16 ``grid_sample`` (used by the projector and
+    back-projection) crashes in torch 2.13.
     """
     device = torch.device(device)
+    if enabled and device.type == "cpu" and cpu_bf16:
+        return True, torch.bfloat16, None
     if not enabled or device.type != "cuda":
         if enabled and not _AMP_NOTICE:
             _AMP_NOTICE.append(True)
@@ -128,21 +133,23 @@ def amp_settings(device: torch.device | str, enabled: bool) -> tuple[bool, torch
     return True, torch.float16, torch.amp.GradScaler("cuda")
 
 
-def engine_amp(engine: Engine, enabled: bool) -> tuple[bool, torch.dtype, torch.amp.GradScaler | None]:
+def engine_amp(engine: Engine, enabled: bool,
+               cpu_bf16: bool = False) -> tuple[bool, torch.dtype, torch.amp.GradScaler | None]:
     """:func:`amp_settings` for ``engine``'s device, decided once per engine (the scaler keeps state across
     steps)."""
     if getattr(engine, "ctsynth_amp", None) is None:
-        engine.ctsynth_amp = amp_settings(engine.state.device, enabled)
+        engine.ctsynth_amp = amp_settings(engine.state.device, enabled, cpu_bf16)
         scaler, resumed = engine.ctsynth_amp[2], getattr(engine, "ctsynth_resumed_scaler", None)
         if scaler is not None and resumed:  # a resumed run keeps its loss scale
             scaler.load_state_dict(resumed)
     return engine.ctsynth_amp
 
 
-def engine_autocast(engine: Engine, enabled: bool) -> contextlib.AbstractContextManager:
+def engine_autocast(engine: Engine, enabled: bool, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
     """The autocast context of :func:`engine_amp` (a no-op when AMP is off)."""
-    on, dtype, _ = engine_amp(engine, enabled)
-    return torch.autocast(device_type="cuda", dtype=dtype) if on else contextlib.nullcontext()
+    on, dtype, _ = engine_amp(engine, enabled, cpu_bf16)
+    return torch.autocast(device_type=torch.device(engine.state.device).type, dtype=dtype) if on \
+        else contextlib.nullcontext()
 
 
 class NonFiniteLossError(FloatingPointError):

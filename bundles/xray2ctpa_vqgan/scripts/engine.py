@@ -1,9 +1,10 @@
 """VQ-GAN training and validation iterations (``iteration_update`` of MONAI's engines) and the codebook monitor.
 
-Training loss (seed 004): L1 reconstruction + tri-planar perceptual (``ctsynth.losses.TriPlanarVGGLoss``) +
-the quantiser's commitment loss + PatchGAN adversarial and feature-matching terms after a warm-up
-(``ctsynth.adversarial.AdversarialTerms``, hinge or least squares). :class:`CodebookMonitor` counts the codes
-used over each epoch and records usage (%) and perplexity in the trainer's metrics.
+Training loss (seed 004): L1 (or MSE: ``pixel_loss``) reconstruction + tri-planar perceptual
+(``ctsynth.losses.TriPlanarVGGLoss``) + the quantiser's commitment loss + PatchGAN adversarial and
+feature-matching terms after a warm-up (``ctsynth.adversarial.AdversarialTerms``, hinge or least squares).
+:class:`CodebookMonitor` counts the codes used over each epoch and records usage (%) and perplexity in the
+trainer's metrics.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 class VQGANIteration(ReconstructionIteration):
-    """One VQ-GAN training step (L1 + commitment + perceptual + adversarial), or one validation reconstruction.
+    """One VQ-GAN training step (L1 or MSE + commitment + perceptual + adversarial), or one validation reconstruction.
     The outputs carry ``indices`` (the code indices) for :class:`CodebookMonitor`. Arguments: see
-    :class:`ctsynth.adversarial.ReconstructionIteration`."""
+    :class:`ctsynth.adversarial.ReconstructionIteration`. ``amp`` runs bfloat16 on CPU too: the VQ-GAN has no
+    ``grid_sample`` and keeps its norms and code distances in float32 (:mod:`scripts.vqgan`)."""
+
+    cpu_bf16 = True
 
     def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:
         return {"commitment": extras[0].float()}
