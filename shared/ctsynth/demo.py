@@ -207,9 +207,11 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
         timings[f"train_{key}_s"] = time.perf_counter() - t
 
     side = [int(s) for s in shape]
-    # L1 + KL only: random VGG features and a GAN this short do not help (the tests exercise both terms)
+    # MSE + KL only: random VGG features and a GAN this short do not help (the tests exercise both terms); MSE,
+    # what PSNR scores, gave 1.5 dB more validation PSNR than the seed's L1 after the same 400 steps
     train("train_autoencoder.json", "autoencoder", {"patch_size": [32, 32, 32], "val_patch_size": side,
-                                                   "perceptual_weight": 0.0, "adversarial_start": 10 ** 9})
+                                                   "perceptual_weight": 0.0, "adversarial_start": 10 ** 9,
+                                                   "pixel_loss": "mse"})
     # clean-latent prediction on the encoded cubic interpolation: a short run starts from the conditioning
     # the demo's volumes fit one autoencoder / denoiser window: no blending seams to judge the model by
     ldm = {**SLICE_DEMO_DENOISER, "crop_depth": 8, "sampler_window": 24, "val_steps": 10, "codec_chunk": 96,

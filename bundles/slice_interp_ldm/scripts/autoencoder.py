@@ -1,7 +1,7 @@
 """Training a MAISI-architecture autoencoder (``train_autoencoder.json``) for users without the released weights,
 or fine-tuning the released one on their data.
 
-Loss (MAISI's recipe): L1 reconstruction + perceptual (tri-planar VGG, ctsynth) + KL divergence of the
+Loss (MAISI's recipe): L1 (or MSE: ``pixel_loss``) reconstruction + perceptual (tri-planar VGG, ctsynth) + KL divergence of the
 posterior + PatchGAN adversarial (``ctsynth.adversarial.AdversarialTerms``, after a warm-up).
 """
 
@@ -35,7 +35,7 @@ def trainable_autoencoder(autoencoder_args: dict[str, Any] | None = None, init_w
 
 
 class AutoencoderIteration(ReconstructionIteration):
-    """One training step (L1 + perceptual + KL + adversarial) or one validation reconstruction of a MAISI-architecture
+    """One training step (L1 or MSE + perceptual + KL + adversarial) or one validation reconstruction of a MAISI-architecture
     autoencoder (whose forward returns reconstruction, mu, sigma).
 
     Args:
