@@ -82,9 +82,10 @@ class ReconstructionIteration:
     """One training step of an image autoencoder (``iteration_update`` of MONAI's ``SupervisedTrainer``), or one
     validation reconstruction.
 
-    Loss: L1 or MSE (``pixel_loss``) of reconstruction and input + the model's own regularisation (:meth:`regularisation`: KL for a VAE,
-    commitment for a VQ model) + ``perceptual_weight`` x ``perceptual`` + the adversarial terms once active. The
-    network returns ``(reconstruction, *extras)``; subclasses turn the extras into loss terms and outputs.
+    Loss: L1 or MSE (``pixel_loss``) of reconstruction and input + the model's own regularisation
+    (:meth:`regularisation`: KL for a VAE, commitment for a VQ model) + ``perceptual_weight`` x ``perceptual`` +
+    the adversarial terms once active. The network returns ``(reconstruction, *extras)``; subclasses turn the
+    extras into loss terms and outputs.
 
     Args:
         image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1].

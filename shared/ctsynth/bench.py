@@ -285,7 +285,8 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
     vqgan = bundle_module("xray2ctpa_vqgan", "vqgan")
     torch.manual_seed(0)
     net = vqgan.VQGAN3D(**(network or {})).to(device)
-    enabled, dtype, scaler = amp_settings(device, amp, cpu_bf16=True)  # as the bundle's VQGANIteration
+    cpu_bf16 = bundle_module("xray2ctpa_vqgan", "engine").VQGANIteration.cpu_bf16  # the precision training uses
+    enabled, dtype, scaler = amp_settings(device, amp, cpu_bf16)
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
     x = torch.rand(int(batch), 1, *[int(s) for s in size], device=device)
 

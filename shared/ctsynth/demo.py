@@ -320,7 +320,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
 
     side = [int(s) for s in shape]
     # MSE + commitment in bfloat16: random VGG features and a GAN this short do not help (the tests exercise both
-    # terms); MSE, what PSNR scores, beats the seed's L1 by 2.4 dB at equal steps; CPU bf16 steps are 1.6x faster
+    # terms); MSE, what PSNR scores, beats the seed's L1 by 2.4 dB at equal steps; CPU bf16 steps are 1.4x faster
     vq = {**CTPA_DEMO_VQGAN, "perceptual_weight": 0.0, "adversarial_start": 10 ** 9, "vgg_random_init": True,
           "pixel_loss": "mse", "amp": True, "val_roi_size": side, "val_interval": int(sched["vqgan"][0])}
     train("train.json", "vqgan", vq)

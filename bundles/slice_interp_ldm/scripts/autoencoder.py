@@ -1,8 +1,9 @@
 """Training a MAISI-architecture autoencoder (``train_autoencoder.json``) for users without the released weights,
 or fine-tuning the released one on their data.
 
-Loss (MAISI's recipe): L1 (or MSE: ``pixel_loss``) reconstruction + perceptual (tri-planar VGG, ctsynth) + KL divergence of the
-posterior + PatchGAN adversarial (``ctsynth.adversarial.AdversarialTerms``, after a warm-up).
+Loss (MAISI's recipe): L1 (or MSE: ``pixel_loss``) reconstruction + perceptual (tri-planar VGG, ctsynth) +
+KL divergence of the posterior + PatchGAN adversarial (``ctsynth.adversarial.AdversarialTerms``, after a
+warm-up).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def trainable_autoencoder(autoencoder_args: dict[str, Any] | None = None, init_w
 
 
 class AutoencoderIteration(ReconstructionIteration):
-    """One training step (L1 or MSE + perceptual + KL + adversarial) or one validation reconstruction of a MAISI-architecture
-    autoencoder (whose forward returns reconstruction, mu, sigma).
+    """One training step (L1 or MSE + perceptual + KL + adversarial) or one validation reconstruction of a
+    MAISI-architecture autoencoder (whose forward returns reconstruction, mu, sigma).
 
     Args:
         image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1], sizes multiples of 4.
