@@ -101,12 +101,13 @@ class ReconstructionIteration:
                  adversarial: AdversarialTerms | None = None, grad_clip: float | None = 1.0, amp: bool = False,
                  max_nonfinite: int = 3, pixel_loss: str = "l1") -> None:
         if pixel_loss not in self.PIXEL_LOSSES:
-            raise ValueError(f"pixel_loss must be one of {self.PIXEL_LOSSES}, got {pixel_loss!r}")
+            raise ValueError(f"pixel_loss must be one of {tuple(self.PIXEL_LOSSES)}, got {pixel_loss!r}")
         self.pixel_loss = pixel_loss
         self.image_key, self.perceptual, self.perceptual_weight = image_key, perceptual, float(perceptual_weight)
         self.adversarial, self.grad_clip, self.amp, self.max_nonfinite = adversarial, grad_clip, amp, max_nonfinite
 
-    PIXEL_LOSSES = ("l1", "mse")
+    #: ``pixel_loss`` name -> loss of (reconstruction, input); the name is also the loss term's name
+    PIXEL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
     #: whether ``amp`` may run bfloat16 on CPU too (a subclass whose network is safe for it says so; see
     #: :func:`ctsynth.engine.amp_settings`)
     cpu_bf16: bool = False
@@ -141,7 +142,7 @@ class ReconstructionIteration:
         with engine_autocast(engine, self.amp, self.cpu_bf16):
             recon, *extras = engine.network(x)
         recon = recon.float()
-        pixel = F.l1_loss(recon, x) if self.pixel_loss == "l1" else F.mse_loss(recon, x)
+        pixel = self.PIXEL_LOSSES[self.pixel_loss](recon, x)
         loss = pixel
         terms = {self.pixel_loss: float(pixel.detach())}
         for name, value in self.regularisation(tuple(extras)).items():

@@ -268,7 +268,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
 
 #: the xray2ctpa_vqgan demo: a tiny VQ-GAN (4x per axis: 2x space-to-depth, then one stride-2 stage; 256 x 16
 #: codebook), denoiser and PE classifier that train in a few minutes each on 2 CPU cores. The space-to-depth stem
-#: makes a step 4.5x cheaper than a full-resolution stage of widths 16/32/64 at about the same PSNR per step.
+#: makes a float32 step 4.5x cheaper than a full-resolution stage of widths 16/32/64, for 0.4 dB less per step.
 CTPA_DEMO_VQGAN = {"network_def#channels": [32, 64], "network_def#num_res_blocks": 1, "network_def#stem_stride": 2,
                    "network_def#num_embeddings": 256, "network_def#embedding_dim": 16, "network_def#norm_groups": 8}
 CTPA_DEMO_DENOISER = {
