@@ -10,8 +10,9 @@ from ctsynth.cli import main
 from ctsynth.io import load_volume, save_nifti
 from ctsynth.metrics import compute_image_metrics
 from ctsynth.phantoms import grid_affine, slab_average, thorax_phantom
-from ctsynth.slices import (SliceRefiner, degrade_along, fit_refiner, fit_self_supervised_refiner, interpolate_slices,
-                            load_refiner, paired_pairs, refine_volume, save_refiner, self_supervised_pairs)
+from ctsynth.slices import (SliceRefiner, degrade_along, fit_paired_refiner, fit_refiner, fit_self_supervised_refiner,
+                            interpolate_slices, load_refiner, paired_pairs, refine_volume, save_refiner,
+                            self_supervised_pairs)
 
 
 def _ramp(n_slices=10, spacing=5.0):
@@ -106,7 +107,7 @@ def test_self_supervised_refiner_gets_mirrored_context_at_the_stack_ends(tmp_pat
     assert model.context_rows == 8 and model.norm == "batch"
 
     def end_mse(m):
-        err = (refine_volume(m, up).as_tensor()[0].clamp(-1000, 1000) - gt).pow(2)
+        err = (refine_volume(m, up, flips=False).as_tensor()[0].clamp(-1000, 1000) - gt).pow(2)
         return float(torch.cat([err[..., :2], err[..., -2:]], -1).mean()), err
 
     with_context, err_ctx = end_mse(model)
@@ -116,7 +117,7 @@ def test_self_supervised_refiner_gets_mirrored_context_at_the_stack_ends(tmp_pat
     assert float(err_ctx.mean()) < float(err_none.mean())  # (instance norm: the interior changes a little too)
     model.context_rows = 8
     again = load_refiner(save_refiner(model, tmp_path / "ss.pt"))
-    assert again.context_rows == 8 and again.norm == "batch"
+    assert again.context_rows == 8 and again.norm == "batch" and again.flips and model.flips
     assert torch.equal(refine_volume(again, up), refine_volume(model, up))
     with pytest.raises(ValueError, match="context_rows must be >= 0"):
         SliceRefiner(context_rows=-1)
@@ -177,3 +178,74 @@ def test_self_supervised_refiner_beats_cubic_without_thin_data():
     cubic = compute_image_metrics(up, gt, window=(-1000, 1000))["psnr"]
     refined = compute_image_metrics(refine_volume(model, up), gt, window=(-1000, 1000))["psnr"]
     assert refined > cubic + 0.5, (refined, cubic)
+
+
+@pytest.mark.parametrize("dims", [(0,), (1,), (2,), (0, 1), (0, 1, 2)])
+def test_refine_volume_flips_average_over_mirror_images(dims):
+    # with flips the output of a mirrored volume is the mirrored output; one pass is not: the average is over four
+    # different estimates of the same volume
+    torch.manual_seed(0)
+    model = SliceRefiner(features=(4, 4, 8, 8, 8, 4), context_rows=2, norm="batch", flips=True).eval()
+    torch.nn.init.normal_(next(model.unet.final_conv.parameters()), std=0.1)
+    up = MetaTensor(torch.rand(1, 12, 10, 14) * 1500 - 1000, affine=grid_affine((12, 10, 14), 2.0))
+    mirrored = MetaTensor(up.as_tensor().flip([d + 1 for d in dims]), affine=up.affine)
+    once, both = refine_volume(model, up, flips=False), refine_volume(model, up)
+    model.flips = False  # the model's setting is the default
+    assert torch.equal(refine_volume(model, up).as_tensor(), once.as_tensor())
+    assert torch.equal(refine_volume(model, up, flips=True).as_tensor(), both.as_tensor())
+    model.flips = True
+    back = [d + 1 for d in dims]
+    # (mirroring x alone only reorders the sagittal planes and flips the coronal planes' columns, as mirroring x and y)
+    assert torch.allclose(refine_volume(model, mirrored).as_tensor().flip(back), both.as_tensor(), atol=1e-3)
+    assert not torch.allclose(refine_volume(model, mirrored, flips=False).as_tensor().flip(back), once.as_tensor(),
+                              atol=1e-1)
+    assert not torch.allclose(once.as_tensor(), both.as_tensor(), atol=1e-1)
+    assert torch.allclose(both.affine, up.affine)
+
+
+def test_refiner_initial_weights_follow_the_seed_only():
+    thick, _, _ = _case(3)
+    torch.manual_seed(1)
+    a = fit_self_supervised_refiner(thick, steps=1, seed=5, progress=False)
+    torch.manual_seed(2)
+    b = fit_self_supervised_refiner(thick, steps=1, seed=5, progress=False)
+    c = fit_self_supervised_refiner(thick, steps=1, seed=6, progress=False)
+    key = "unet.conv_0.conv_0.conv.weight"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_phantom_keeps_its_proportions_on_request():
+    default, info = thorax_phantom((32, 32, 48), 4.0, seed=3)
+    kept, kept_info = thorax_phantom((32, 32, 48), 4.0, seed=3, keep_proportions=True)
+    assert kept_info.scale_z == kept_info.scale_xy < info.scale_z  # the default stretches z to fill the depth
+    assert info.scale_xy == kept_info.scale_xy and not torch.equal(default.as_tensor(), kept.as_tensor())
+
+
+def _proportioned_case(seed, shape=(64, 64, 84)):
+    thin, _ = thorax_phantom(shape, 2.0, seed=seed, keep_proportions=True, contrast=seed % 2 == 1)
+    thick = slab_average(thin, 5)
+    up = interpolate_slices(thick, spacing_mm=2.0, mode="cubic")
+    return thick, up, MetaTensor(thin.as_tensor()[..., 2:2 + up.shape[3]], affine=up.affine), thin
+
+
+def test_self_supervised_refiner_beats_cubic_on_a_proportioned_thorax_phantom():
+    # the issue's check: a thorax phantom with an adult's proportions, 5x thicker slabs, the thin original never
+    # seen in training; measured +0.30 dB (cubic 27.13 dB), one pass without the mirror images +0.17 dB
+    thick, up, gt, _ = _proportioned_case(2003)
+    model = fit_self_supervised_refiner(thick, steps=300, seed=0, progress=False)
+    cubic = compute_image_metrics(up, gt, window=(-1000, 1000))["psnr"]
+    refined = compute_image_metrics(refine_volume(model, up), gt, window=(-1000, 1000))["psnr"]
+    assert refined > cubic + 0.2, (refined, cubic)
+
+
+def test_fit_paired_refiner_learns_from_thick_thin_series():
+    with pytest.raises(ValueError, match="at least one"):
+        fit_paired_refiner([])
+    cases = [(thick, thin) for thick, _, _, thin in (_proportioned_case(s, (48, 48, 60)) for s in (2000, 2001))]
+    _, up, gt, _ = _proportioned_case(2100, (48, 48, 60))
+    model = fit_paired_refiner(cases, steps=150, seed=0, progress=False)
+    assert model.context_rows == 8 and model.norm == "batch" and not model.flips
+    cubic = compute_image_metrics(up, gt, window=(-1000, 1000))["psnr"]
+    refined = compute_image_metrics(refine_volume(model, up), gt, window=(-1000, 1000))["psnr"]
+    assert refined > cubic, (refined, cubic)

@@ -186,8 +186,8 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     """
     from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, network_overrides, run_bundle
     from ctsynth.io import load_volume
-    from ctsynth.prepare import load_datalist, prepare_phantom_pairs, slice_spacing_mm
-    from ctsynth.slices import fit_refiner, interpolate_slices, paired_pairs, save_refiner, thin_grid_offset_mm
+    from ctsynth.prepare import load_datalist, prepare_phantom_pairs
+    from ctsynth.slices import fit_paired_refiner, save_refiner
 
     sched = {**SLICE_DEMO_SCHEDULE, **(schedule or {})}
     root = Path(out) / "slice_interp_ldm"
@@ -218,14 +218,10 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
            "image_loss_interval": 10, "prediction_type": "sample", "conditioning": "image"}
     train("train.json", "diffusion", ldm)
 
-    t = time.perf_counter()  # the fast paired model on the same training pairs
-    pairs = []
-    for e in load_datalist(root / "data" / "datalist.json", "training"):
-        thick, thin = load_volume(e["thick"]), load_volume(e["thin"])
-        up = interpolate_slices(thick, spacing_mm=slice_spacing_mm(thin), count=int(thin.shape[3]),
-                                offset_mm=thin_grid_offset_mm(thick, thin))
-        pairs += paired_pairs(up, thin)
-    refiner = fit_refiner(pairs, steps=int(sched["refiner_steps"]), seed=seed)
+    t = time.perf_counter()  # the fast paired model on the same training pairs (and their in-plane detail)
+    cases = [(load_volume(e["thick"]), load_volume(e["thin"])) for e in load_datalist(root / "data" / "datalist.json",
+                                                                                     "training")]
+    refiner = fit_paired_refiner(cases, steps=int(sched["refiner_steps"]), seed=seed)
     refiner_path = save_refiner(refiner, root / "models" / "refiner.pt", {"trained_on": "demo training pairs"})
     timings["train_refiner_s"] = time.perf_counter() - t
 

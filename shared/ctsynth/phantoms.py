@@ -205,6 +205,7 @@ def thorax_phantom(
     noise_hu: float = 0.0,
     fit_fov: bool = True,
     detail: float = 0.0,
+    keep_proportions: bool = False,
 ) -> tuple[MetaTensor, PhantomInfo]:
     """Generates a random thorax phantom in HU.
 
@@ -216,7 +217,11 @@ def thorax_phantom(
         emboli: probability that the phantom has pulmonary emboli (filling defects; needs ``contrast``
             to be visible, present either way).
         noise_hu: standard deviation of added Gaussian noise (HU).
-        fit_fov: shrink the anatomy to fit a field of view smaller than an adult thorax.
+        fit_fov: shrink the anatomy to fit a field of view smaller than an adult thorax: x and y to the in-plane
+            field of view, z on its own to the depth (so the anatomy is stretched or squashed along z).
+        keep_proportions: with ``fit_fov``, scale z like x and y, so the anatomy keeps an adult's proportions
+            and the depth shows as much of it as fits (with a 64 x 64 x 84 grid at 2 mm the default stretches it
+            1.3-1.5 times along z, which makes through-plane structure smoother than in-plane structure).
         detail: fine anatomy without a preferred direction, as real CT has it at millimetre scale: peripheral
             pulmonary vessel trees growing in random 3D directions, lung nodules, and a smooth tissue texture
             (about 20 HU). 0 (the default): none, the large anatomy only, which is elongated along z; 1: about a
@@ -242,6 +247,8 @@ def thorax_phantom(
     half_w, half_ap, half_h = 170.0 * rng.uniform(0.9, 1.08), 118.0 * rng.uniform(0.9, 1.1), 170.0
     sxy = min(1.0, 0.92 * fov[0] / (2 * half_w), 0.92 * fov[1] / (2 * half_ap)) if fit_fov else 1.0
     sz = min(1.0, fov[2] / (2 * half_h)) if fit_fov else 1.0
+    if keep_proportions:
+        sz = sxy
     S = np.array([sxy, sxy, sz])
 
     def P(x, y, z):  # anatomical mm -> world mm

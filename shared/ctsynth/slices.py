@@ -8,8 +8,9 @@
   the slice axis (coronal and sagittal), on top of cubic interpolation.
 * :func:`fit_refiner`: trains it from (degraded, sharp) volume pairs, either paired thick/thin data or,
   self-supervised (SMORE-style), the thick volume's own in-plane detail degraded along x and y with the
-  thick slice profile (:func:`self_supervised_pairs`).
-* :func:`refine_volume`: applies a trained refiner to a cubic-interpolated volume.
+  thick slice profile (:func:`self_supervised_pairs`); :func:`fit_paired_refiner` and
+  :func:`fit_self_supervised_refiner` set both up.
+* :func:`refine_volume`: applies a trained refiner to a cubic-interpolated volume (averaged over its mirror images).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
            "degrade_along", "self_supervised_pairs", "paired_pairs",
-           "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "refine_volume", "save_refiner", "load_refiner",
+           "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume", "save_refiner", "load_refiner",
            "STUDY_METHODS", "SLICE_METHODS", "interpolate_study"]
 
 logger = logging.getLogger(__name__)
@@ -181,12 +182,17 @@ class SliceRefiner(nn.Module):
             (0: none). A refiner fitted on in-plane planes (self-supervised) has only seen air at its images'
             borders, never a border cutting through the body as the first and last slices of a stack do; without
             the mirrored context it measured 20x cubic's error on the first slice of a phantom.
+        flips: whether :func:`refine_volume` averages over the volume's mirror images by default. Worth it for a
+            refiner whose training planes do not tie it to the anatomy's orientation (self-supervised: in-plane
+            slices): +0.10 to +0.17 dB on five phantoms. A refiner trained on coronal and sagittal planes can learn
+            the orientation (ribs slope down towards the front) and lost 1.25 dB with it on a phantom (+1.87 ->
+            +0.62 dB over cubic).
     """
 
     NORMS = ("instance", "batch")
 
     def __init__(self, features: Sequence[int] = (16, 16, 32, 32, 64, 16), window: Sequence[float] = (-1024.0, 3071.0),
-                 context_rows: int = 0, norm: str = "instance"):
+                 context_rows: int = 0, norm: str = "instance", flips: bool = False):
         super().__init__()
         from monai.networks.nets import BasicUNet
 
@@ -198,6 +204,7 @@ class SliceRefiner(nn.Module):
         self.window = tuple(float(w) for w in window)
         self.features = tuple(int(f) for f in features)
         self.context_rows = int(context_rows)
+        self.flips = bool(flips)
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=self.features,
                               norm=("instance", {"affine": True}) if norm == "instance" else ("batch", {}))
         last = self.unet.final_conv.conv if hasattr(self.unet.final_conv, "conv") else self.unet.final_conv
@@ -209,6 +216,13 @@ class SliceRefiner(nn.Module):
         ph, pw = (-h) % 16, (-w) % 16
         x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
         return images + self.unet(x)[..., :h, :w]
+
+
+def _seeded_refiner(seed: int, **kwargs) -> SliceRefiner:
+    """A :class:`SliceRefiner` whose initial weights depend on ``seed`` only (not on the global random state)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SliceRefiner(**kwargs)
 
 
 def _planes(volume: torch.Tensor, rows_axis: int, normal_axis: int) -> torch.Tensor:
@@ -223,6 +237,8 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
     """Trains a :class:`SliceRefiner` on (degraded, sharp, degraded axis, plane normal) volume pairs
     (1, X, Y, Z) in HU (from :func:`self_supervised_pairs` or :func:`paired_pairs`).
 
+    Without ``model`` a new default one is made, its initial weights drawn from ``seed``.
+
     Each step draws ``batch`` random planes with rows along the degraded axis (random pair, random plane,
     random ``patch``-sized crop; no flips: they cost 2 dB on held-out phantoms) and minimises L1 in the
     normalised window. The learning rate is constant, then a fifth of it for the last 20 % of the steps.
@@ -230,7 +246,7 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
     if not pairs:
         raise ValueError("fit_refiner needs at least one (degraded, sharp, axis) pair")
     g = torch.Generator().manual_seed(seed)
-    model = model or SliceRefiner()
+    model = model or _seeded_refiner(seed)
     stacks = []
     for low, high, axis, normal in pairs:
         lo = scale_hu(torch.as_tensor(low).float()[0], model.window)
@@ -240,13 +256,14 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k < 0.8 * steps else 0.2)  # constant, then a fifth
     model.train()
     bar = tqdm(range(steps), desc="fit slice refiner", unit="step", disable=not progress)
+    # one crop size for every pair (planes of different pairs may differ in size)
+    pr, pc = min([patch] + [lo.shape[-2] for lo, _ in stacks]), min([patch] + [lo.shape[-1] for lo, _ in stacks])
     for _ in bar:
         xs, ys = [], []
         for _ in range(batch):
             lo, hi = stacks[int(torch.randint(len(stacks), (1,), generator=g))]
             i = int(torch.randint(lo.shape[0], (1,), generator=g))
             r, c = lo.shape[-2:]
-            pr, pc = min(patch, r), min(patch, c)
             r0 = int(torch.randint(r - pr + 1, (1,), generator=g))
             c0 = int(torch.randint(c - pc + 1, (1,), generator=g))
             x, y = lo[i, :, r0:r0 + pr, c0:c0 + pc], hi[i, :, r0:r0 + pr, c0:c0 + pc]
@@ -263,12 +280,29 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
 
 
 @torch.no_grad()
-def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chunk: int = 32) -> MetaTensor:
+def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chunk: int = 32,
+                  flips: bool | None = None) -> MetaTensor:
     """Applies a refiner to a (1, X, Y, Z) HU volume interpolated along ``axis``: the planes containing the
     axis are refined in both orientations and averaged (with ``model.context_rows`` mirrored slices of context at
-    both ends of ``axis``). Returns HU with the input's affine."""
+    both ends of ``axis``). Returns HU with the input's affine.
+
+    ``flips`` (default ``model.flips``): also refine the volume mirrored along the in-plane axes, along ``axis``,
+    and along all three, and average the four results mapped back (4x the time). A mirrored volume is still an
+    interpolated thick series (the network is convolutional: the slab positions move with the content), so each
+    mirror image gives one more estimate of the same volume. On five phantoms (64x64x84, 2 mm, 5x slabs,
+    self-supervised, 300 steps) it added 0.10-0.17 dB.
+    """
     vol = scale_hu(torch.as_tensor(upsampled).float()[0], model.window)
     vol = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
+    in_plane = [i for i in range(3) if i != axis]
+    variants = [[], in_plane, [axis], [0, 1, 2]] if (model.flips if flips is None else flips) else [[]]
+    acc = sum(_refine_both_orientations(model, vol.flip(dims), axis, chunk).flip(dims) if dims
+              else _refine_both_orientations(model, vol, axis, chunk) for dims in variants) / len(variants)
+    return MetaTensor(unscale_hu(acc, model.window)[None], affine=torch.as_tensor(upsampled.affine).clone())
+
+
+def _refine_both_orientations(model: SliceRefiner, vol: torch.Tensor, axis: int, chunk: int) -> torch.Tensor:
+    """(X, Y, Z) in the model's [0, 1] window -> the mean of its two plane orientations' refinements."""
     n = vol.shape[axis]
     r = min(model.context_rows, n - 1)
     if r:
@@ -281,8 +315,7 @@ def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chu
         order = [0, 0, 0]  # undo _planes' (normal, axis, cols) order
         order[normal], order[axis], order[3 - axis - normal] = 0, 1, 2
         acc += out.permute(*order)
-    acc = acc.narrow(axis, r, n)
-    return MetaTensor(unscale_hu(acc / 2, model.window)[None], affine=torch.as_tensor(upsampled.affine).clone())
+    return acc.narrow(axis, r, n) / 2
 
 
 def fit_self_supervised_refiner(thick: MetaTensor, steps: int = 400, seed: int = 0, progress: bool = True,
@@ -291,7 +324,35 @@ def fit_self_supervised_refiner(thick: MetaTensor, steps: int = 400, seed: int =
     context at the ends of the stack when applied (8 measured best of 0 / 8 / 16) and ``batch`` normalisation
     (see :class:`SliceRefiner`)."""
     return fit_refiner(self_supervised_pairs(thick, slice_axis), steps=steps, seed=seed, progress=progress,
-                       model=SliceRefiner(context_rows=context_rows, norm=norm))
+                       model=_seeded_refiner(seed, context_rows=context_rows, norm=norm, flips=True))
+
+
+def fit_paired_refiner(cases: Sequence[tuple[MetaTensor, MetaTensor]], steps: int = 400, seed: int = 0,
+                       progress: bool = True, in_plane: bool = True, context_rows: int = 8,
+                       norm: str = "batch") -> SliceRefiner:
+    """A refiner trained on (thick, thin) series of the same studies: each thick series is interpolated (cubic)
+    onto its thin series' grid and its coronal and sagittal planes learn the thin ones (:func:`paired_pairs`);
+    with ``in_plane`` the thick series' own in-plane pairs (:func:`self_supervised_pairs`) are added.
+
+    On phantoms that keep their proportions (12 training pairs, 64x64x84 at 2 mm, 5x slabs, 400 steps, two
+    held-out cases, vs cubic) the paired planes alone scored -0.27 / -0.24 dB (they teach the training studies'
+    own z layout), the in-plane pairs alone +0.13 / +0.28 dB and both +0.21 / +0.37 dB.
+
+    Args:
+        cases: (1, X, Y, Z) HU volumes with their affines, Z the slice axis; the thin grid inside the thick span.
+    """
+    if not cases:
+        raise ValueError("fit_paired_refiner needs at least one (thick, thin) pair")
+    pairs: list[tuple[MetaTensor, MetaTensor, int, int]] = []
+    for thick, thin in cases:
+        spacing = float(torch.as_tensor(thin.affine, dtype=torch.float64)[:3, 2].norm())
+        up = interpolate_slices(thick, spacing_mm=spacing, count=int(thin.shape[3]),
+                                offset_mm=thin_grid_offset_mm(thick, thin))
+        pairs += paired_pairs(up, thin)
+        if in_plane:
+            pairs += self_supervised_pairs(thick)
+    return fit_refiner(pairs, steps=steps, seed=seed, progress=progress,
+                       model=_seeded_refiner(seed, context_rows=context_rows, norm=norm))
 
 
 def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None) -> Path:
@@ -299,7 +360,7 @@ def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None
     from ctsynth.engine import atomic_torch_save
 
     return atomic_torch_save({"network": model.state_dict(), "meta": {"features": list(model.features),
-                              "window": list(model.window), "context_rows": model.context_rows,
+                              "window": list(model.window), "context_rows": model.context_rows, "flips": model.flips,
                               "norm": model.norm, **(meta or {})}}, path)
 
 
@@ -316,7 +377,7 @@ def load_refiner(path: str | Path) -> SliceRefiner:
         raise ValueError(f"{path}: not a slice refiner (no 'features' in its meta); train one with "
                          "`ctsynth interpolate ... --method self-supervised --save-model PATH`")
     model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), int(meta.get("context_rows", 0)),
-                         meta.get("norm", "instance"))
+                         meta.get("norm", "instance"), bool(meta.get("flips", False)))
     load_network_weights(model, path)
     return model.eval()
 
@@ -328,13 +389,15 @@ SLICE_METHODS = (*STUDY_METHODS, "ldm")
 
 
 def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubic", model: str | Path | None = None,
-                      steps: int = 400, seed: int = 0, save_model: str | Path | None = None) -> MetaTensor:
+                      steps: int = 400, seed: int = 0, save_model: str | Path | None = None,
+                      flips: bool | None = None) -> MetaTensor:
     """A thick-slice CT -> thin slices at ``spacing_mm`` with one of :data:`STUDY_METHODS` (what ``ctsynth
     interpolate`` and the MONAI Deploy application run).
 
     ``refiner`` applies a refiner saved with :func:`save_refiner` (``model``); ``self-supervised`` fits one on the
     volume's own in-plane detail first (``steps``, ``seed``; kept at ``save_model`` when given). The refiners work
-    at the in-plane pixel spacing and resample to ``spacing_mm`` afterwards when they differ.
+    at the in-plane pixel spacing and resample to ``spacing_mm`` afterwards when they differ; ``flips``: see
+    :func:`refine_volume`.
 
     Args:
         volume: (1, X, Y, Z) HU with a RAS affine, Z the thick axis.
@@ -354,7 +417,7 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
     net = load_refiner(model) if method == "refiner" else fit_self_supervised_refiner(volume, steps=steps, seed=seed)
     if save_model and method == "self-supervised":
         save_refiner(net, save_model, {"trained_on": str(volume.meta.get("filename_or_obj", "")), "steps": steps})
-    result = refine_volume(net, up)
+    result = refine_volume(net, up, flips=flips)
     if abs(pixel - spacing_mm) > 1e-3:
         result = interpolate_slices(result, spacing_mm=spacing_mm, mode="cubic")
     return result
