@@ -21,6 +21,7 @@ from ctsynth.io import load_volume
 from ctsynth.maisi import LatentCodec
 from ctsynth.phantoms import grid_affine
 from ctsynth.prepare import load_datalist, prepare_phantom_pairs
+from ctsynth.slices import thick_consistency
 
 ROOT = Path(bundle_root("slice_interp_ldm"))
 CONFIGS = ROOT / "configs"
@@ -147,12 +148,16 @@ def test_evaluation_compares_every_method(trained):
     ckpt = root / "models" / "model.pt"
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
         **over, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "inference_steps": 2, "self_supervised_steps": 5,
-        "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "self_supervised"]})[0]
+        "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "self_supervised", "ldm_consistent", "cubic_consistent"]})[0]
+    methods = ("linear", "cubic", "vae_ceiling", "ldm", "self_supervised", "ldm_consistent", "cubic_consistent")
     combos = {(r["method"], tuple(r["window"]), r["mode"]) for r in report["summary"]}
-    assert combos == {(m, w, mode) for m in ("linear", "cubic", "vae_ceiling", "ldm", "self_supervised")
-                      for w in ((-1024.0, 3071.0), (-1000.0, 1000.0)) for mode in ("3d", "per-slice")}
+    assert combos == {(m, w, mode) for m in methods for w in ((-1024.0, 3071.0), (-1000.0, 1000.0))
+                      for mode in ("3d", "per-slice")}
     rows = {(r["method"], r["mode"]): r for r in report["summary"] if r["window"] == [-1000.0, 1000.0]}
     assert rows[("cubic", "3d")]["psnr"] > 20 and rows[("cubic", "3d")]["psnr"] >= rows[("linear", "3d")]["psnr"] - 0.5
+    # a 1-epoch model decodes far below cubic; the thick series' band brings it to within reach of cubic
+    assert rows[("ldm_consistent", "3d")]["psnr"] > rows[("ldm", "3d")]["psnr"] + 1.0
+    assert rows[("cubic_consistent", "3d")]["psnr"] != rows[("cubic", "3d")]["psnr"]
     for f in ("metrics.json", "metrics.md"):
         assert (root / "eval" / f).stat().st_size > 100
     assert all(Path(c["reformat_png"]).stat().st_size > 1000 for c in report["cases"])
@@ -173,7 +178,18 @@ def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys
     vol, std = load_volume(out), load_volume(report["uncertainty"])
     assert vol.shape[1:] == (32, 32, expected) and std.shape == vol.shape and float(std.min()) >= 0
     assert float(std.mean()) > 0  # two samples differ
-    assert report["dicom_files"] == expected
+    assert report["dicom_files"] == expected and report["consistency"] is False
+    # --consistency: the same sample given the thick series' band
+    args = [case["thick"], "--method", "ldm", "--spacing", "2.0", "--checkpoint", str(root / "models" / "model.pt"),
+            "--autoencoder", str(root / "models" / "autoencoder.pt"), "--inference-steps", "2"]
+    reports = []
+    for name, extra in (("raw", []), ("tc", ["--consistency"])):
+        main(["interpolate", *args, "--out", str(tmp_path / f"{name}.nii.gz"), *extra])
+        reports.append(json.loads(capsys.readouterr().out))
+    assert [r["consistency"] for r in reports] == [False, True]
+    raw, tc = load_volume(tmp_path / "raw.nii.gz"), load_volume(tmp_path / "tc.nii.gz")
+    assert torch.allclose(tc.as_tensor(), thick_consistency(raw, thick).as_tensor(), atol=0.05)
+    assert not torch.allclose(tc.as_tensor(), raw.as_tensor(), atol=1.0)
     with pytest.raises(ValueError, match="not finer than"):
         main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm", "--spacing", "30",
               "--checkpoint", str(root / "models" / "model.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])

@@ -12,7 +12,7 @@ from ctsynth.metrics import compute_image_metrics
 from ctsynth.phantoms import grid_affine, slab_average, thorax_phantom
 from ctsynth.slices import (SliceRefiner, degrade_along, fit_paired_refiner, fit_refiner, fit_self_supervised_refiner,
                             interpolate_slices, load_refiner, paired_pairs, refine_volume, save_refiner,
-                            self_supervised_pairs)
+                            self_supervised_pairs, thick_consistency)
 
 
 def _ramp(n_slices=10, spacing=5.0):
@@ -143,6 +143,11 @@ def test_cli_interpolate(tmp_path, capsys):
           "self-supervised", "--steps", "5", "--save_model", str(tmp_path / "ss.pt"), "--spacing", "2"])
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "self-supervised" and rep["slices"] == 91 and (tmp_path / "ss.pt").is_file()
+    main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "tc.nii.gz"), "--spacing", "4",
+          "--consistency"])
+    assert json.loads(capsys.readouterr().out)["consistency"] is True
+    assert torch.allclose(load_volume(tmp_path / "tc.nii.gz").as_tensor(), thick_consistency(thin, thick).as_tensor(),
+                          atol=1e-2)
 
 
 @pytest.mark.parametrize("offset,count,first,last", [(0.0, None, 0.0, 45.0), (2.0, 20, 2.0, 21.0), (7.5, None, 7.5, 44.5)])
@@ -249,3 +254,24 @@ def test_fit_paired_refiner_learns_from_thick_thin_series():
     cubic = compute_image_metrics(up, gt, window=(-1000, 1000))["psnr"]
     refined = compute_image_metrics(refine_volume(model, up), gt, window=(-1000, 1000))["psnr"]
     assert refined > cubic, (refined, cubic)
+
+
+def test_thick_consistency_keeps_the_truth_and_restores_the_measured_band():
+    thin, _ = thorax_phantom((32, 32, 60), 2.0, seed=1, keep_proportions=True)
+    thick = slab_average(thin, 5)  # thick slice k averages thin slices 5k..5k+4: the full thin grid starts 4 mm before
+    assert torch.allclose(thick_consistency(thin, thick).as_tensor(), thin.as_tensor(), atol=1e-3)  # nothing to add
+    # a prediction that says nothing (a constant) becomes cubic interpolation on its grid
+    up = interpolate_slices(thick, spacing_mm=2.0)
+    flat = MetaTensor(torch.full_like(up.as_tensor(), 40.0), affine=up.affine)
+    assert torch.allclose(thick_consistency(flat, thick).as_tensor(), up.as_tensor(), atol=1e-2)
+    # a blurred prediction gets back the band the thick series measured: PSNR on [-1000, 1000] 18.80 -> 27.50 dB
+    from monai.transforms import GaussianSmooth
+
+    blurred = MetaTensor(GaussianSmooth(sigma=1.5)(thin.as_tensor()), affine=thin.affine)
+    before = compute_image_metrics(blurred, thin, window=(-1000, 1000))["psnr"]
+    after = compute_image_metrics(thick_consistency(blurred, thick), thin, window=(-1000, 1000))["psnr"]
+    assert before == pytest.approx(18.80, abs=0.05) and after == pytest.approx(27.50, abs=0.05), (before, after)
+    with pytest.raises(ValueError, match="in-plane grid"):
+        thick_consistency(MetaTensor(thin.as_tensor()[:, :16], affine=thin.affine), thick)
+    with pytest.raises(ValueError, match="not finer than"):
+        thick_consistency(thick, thick)

@@ -299,7 +299,7 @@ class CLI:
                     dicom_out: str | None = None, series_uid: str | None = None, seed: int = 0,
                     samples: int = 1, checkpoint: str | None = None, autoencoder: str | None = None,
                     inference_steps: int = 50, self_supervised: bool = False, device: str | None = None,
-                    flips: bool | None = None) -> None:
+                    flips: bool | None = None, consistency: bool = False) -> None:
         """Thick-slice CT (NIfTI, DICOM folder or zip) -> thin slices at ``--spacing`` mm, as NIfTI (and DICOM).
 
         Methods: ``cubic`` / ``linear`` interpolation; ``self-supervised`` (or ``--self-supervised``: learns from
@@ -309,7 +309,8 @@ class CLI:
         bundle's models/; ``--samples K`` > 1 also writes the per-voxel standard deviation, OUT_std.nii.gz).
         The refiners work at the pixel spacing and resample to ``--spacing`` afterwards when they differ. A
         self-supervised refiner averages its output over the volume's mirror images (``--flips false``: one pass, 4x
-        faster, 0.1-0.2 dB less; ``--flips true`` for a paired refiner).
+        faster, 0.1-0.2 dB less; ``--flips true`` for a paired refiner). ``--consistency``: the result keeps only
+        what is finer than a thick slice and takes the rest from the thick series (any method).
         """
         from ctsynth.io import load_volume, save_dicom_series, save_nifti
         from ctsynth.slices import SLICE_METHODS, interpolate_study
@@ -327,15 +328,16 @@ class CLI:
 
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "inference_steps": int(inference_steps),
+                         "consistency": bool(consistency),
                          **slice_ldm_overrides(checkpoint, autoencoder)}
             _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides, device=device)[0])
             return
         vol = load_volume(thick, series_uid=series_uid)
         result = interpolate_study(vol, spacing, method, model=model, steps=steps, seed=seed, save_model=save_model,
-                                   flips=flips)
+                                   flips=flips, consistency=consistency)
         save_nifti(result, out)
         report = {"written": out, "method": method, "slices": int(result.shape[3]), "spacing_mm": spacing,
-                  "input_slices": int(vol.shape[3])}
+                  "input_slices": int(vol.shape[3]), "consistency": bool(consistency)}
         if dicom_out:
             report["dicom_files"] = len(save_dicom_series(result, dicom_out, reference=thick if Path(thick).is_dir() else None,
                                                           series_description=f"ctsynth {method} {spacing:g} mm"))

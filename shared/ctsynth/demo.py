@@ -229,7 +229,8 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     t = time.perf_counter()
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
         **common, **ldm, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "refiner_path": str(refiner_path),
-        "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised"],
+        "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised", "cubic_consistent",
+                         "ldm_consistent", "refiner_consistent", "self_supervised_consistent"],
         "self_supervised_steps": int(sched["self_supervised_steps"])})[0]
     timings["evaluate_s"] = time.perf_counter() - t
 
@@ -248,16 +249,19 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
                     and e["mode"] == mode)
 
     cubic = pick("cubic")["psnr"]
-    gains = {m: pick(m)["psnr"] - cubic for m in ("ldm", "refiner", "self_supervised", "vae_ceiling", "linear")}
+    learned = ("ldm", "refiner", "self_supervised")
+    gains = {m: pick(m)["psnr"] - cubic for m in (*learned, "vae_ceiling", "linear", "cubic_consistent",
+                                                  *(f"{m}_consistent" for m in learned))}
     checks = {f"{m}_minus_cubic_db": g for m, g in gains.items()}
     checks.update({f"{m}_psnr_db": pick(m)["psnr"] for m in ("cubic", "ldm", "refiner")})
-    checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in ("ldm", "refiner", "self_supervised")})
+    checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in (*learned, *(f"{m}_consistent" for m in learned))})
     summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
                "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"], "inference": infer,
                "metric_definition": "3D over the thin grid, HU window and data range stated per row"}
     (root / "metrics.json").write_text(json.dumps(summary, indent=2))
-    logger.info("slice_interp_ldm demo ([-1000, 1000] HU, 3D): cubic %.2f dB; ldm %+.2f, refiner %+.2f, self-supervised "
-                "%+.2f, autoencoder ceiling %+.2f dB vs cubic, in %.0f s", cubic, gains["ldm"], gains["refiner"],
+    logger.info("slice_interp_ldm demo ([-1000, 1000] HU, 3D): cubic %.2f dB; ldm %+.2f (with thick consistency %+.2f, "
+                "cubic with it %+.2f), refiner %+.2f, self-supervised %+.2f, autoencoder ceiling %+.2f dB vs cubic, in "
+                "%.0f s", cubic, gains["ldm"], gains["ldm_consistent"], gains["cubic_consistent"], gains["refiner"],
                 gains["self_supervised"], gains["vae_ceiling"], timings["total_s"])
     return summary
 

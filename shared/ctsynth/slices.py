@@ -4,6 +4,7 @@
   the affine of the new grid (slice centres keep their world positions).
 * :func:`degrade_along`: thick-slab simulation along any axis (slab average, then interpolation back),
   the degradation the refiner learns to undo.
+* :func:`thick_consistency`: gives any thin prediction the band its thick series measured.
 * :class:`SliceRefiner`: a 2D residual U-Net (MONAI ``BasicUNet``) applied to the planes that contain
   the slice axis (coronal and sagittal), on top of cubic interpolation.
 * :func:`fit_refiner`: trains it from (degraded, sharp) volume pairs, either paired thick/thin data or,
@@ -30,7 +31,7 @@ from ctsynth.phantoms import slab_average
 from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
-           "degrade_along", "self_supervised_pairs", "paired_pairs",
+           "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume", "save_refiner", "load_refiner",
            "STUDY_METHODS", "SLICE_METHODS", "interpolate_study"]
 
@@ -133,6 +134,50 @@ def degrade_along(volume: MetaTensor, factor: int, axis: int, mode: str = "cubic
     positions = positions.clamp(0, n_thick - 1)
     out = resample_axis(torch.as_tensor(thick).float()[0], axis, positions, mode)[None]
     return MetaTensor(out, affine=torch.as_tensor(volume.affine).clone())
+
+
+def thick_consistency(pred: MetaTensor, thick: MetaTensor, axis: int = 2) -> MetaTensor:
+    """Gives a thin prediction the band the thick series measured: ``pred + cubic(thick) - cubic(slabs(pred))``.
+
+    ``slabs(pred)`` are the prediction's own thick slices (the mean of the thin slices within each thick slice's
+    extent, as :func:`ctsynth.phantoms.slab_average` makes them), and ``cubic`` interpolates thick slices onto
+    ``pred``'s grid as :func:`interpolate_slices` does. What the thick series says about the volume is then the
+    thick series' (the prediction of its own thick slices becomes cubic's), and what it cannot say (detail finer
+    than a thick slice) is the prediction's. For the truth it changes nothing; for a blurred prediction it
+    keeps the part the blur destroyed from the measurement. Slabs that reach beyond ``pred`` repeat its end slices.
+
+    Args:
+        pred: (1, X, Y, Z') HU on a thin grid along ``axis`` inside the thick series' span (its affine places it).
+        thick: (1, X, Y, Z) HU, the series ``pred`` was made from, on the same in-plane grid.
+
+    Returns:
+        (1, X, Y, Z') HU with ``pred``'s affine.
+    """
+    others = [d for d in range(4) if d != 1 + axis]
+    if [pred.shape[d] for d in others] != [thick.shape[d] for d in others]:
+        raise ValueError(f"prediction {tuple(pred.shape)} and thick series {tuple(thick.shape)} differ outside axis "
+                         f"{axis}; the prediction must be on the thick series' in-plane grid")
+    st = float(torch.as_tensor(thick.affine, dtype=torch.float64)[:3, axis].norm())
+    sp = float(torch.as_tensor(pred.affine, dtype=torch.float64)[:3, axis].norm())
+    if sp >= st:
+        raise ValueError(f"the prediction's slice spacing {sp:g} mm is not finer than the thick series' {st:g} mm")
+    offset = thin_grid_offset_mm(thick, pred, axis)
+    n_thick, n = thick.shape[1 + axis], pred.shape[1 + axis]
+    per_slab = max(1, round(st / sp))  # samples per thick slice, one thin spacing apart (st/sp when it divides)
+    step = st / sp / per_slab
+    centres = (torch.arange(n_thick, dtype=torch.float64) * st - offset) / sp
+    within = (torch.arange(per_slab, dtype=torch.float64) - (per_slab - 1) / 2) * step
+    data = torch.as_tensor(pred).float()[0]
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    samples = resample_axis(data, axis, (centres[:, None] + within[None]).flatten(), "linear")
+    shape = list(samples.shape)
+    shape[axis:axis + 1] = [n_thick, per_slab]
+    slabs = samples.reshape(shape).mean(axis + 1)
+    positions = (offset + torch.arange(n, dtype=torch.float64) * sp) / st
+    base = torch.as_tensor(thick).float()[0]
+    base = base.as_tensor() if isinstance(base, MetaTensor) else base
+    out = data + resample_axis(base, axis, positions, "cubic") - resample_axis(slabs, axis, positions, "cubic")
+    return MetaTensor(out[None], affine=torch.as_tensor(pred.affine).clone())
 
 
 def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
@@ -390,14 +435,15 @@ SLICE_METHODS = (*STUDY_METHODS, "ldm")
 
 def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubic", model: str | Path | None = None,
                       steps: int = 400, seed: int = 0, save_model: str | Path | None = None,
-                      flips: bool | None = None) -> MetaTensor:
+                      flips: bool | None = None, consistency: bool = False) -> MetaTensor:
     """A thick-slice CT -> thin slices at ``spacing_mm`` with one of :data:`STUDY_METHODS` (what ``ctsynth
     interpolate`` and the MONAI Deploy application run).
 
     ``refiner`` applies a refiner saved with :func:`save_refiner` (``model``); ``self-supervised`` fits one on the
     volume's own in-plane detail first (``steps``, ``seed``; kept at ``save_model`` when given). The refiners work
     at the in-plane pixel spacing and resample to ``spacing_mm`` afterwards when they differ; ``flips``: see
-    :func:`refine_volume`.
+    :func:`refine_volume`; ``consistency``: the result gets the band the thick series measured
+    (:func:`thick_consistency`).
 
     Args:
         volume: (1, X, Y, Z) HU with a RAS affine, Z the thick axis.
@@ -410,7 +456,8 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
     if method == "refiner" and not model:
         raise ValueError("method 'refiner' needs a refiner file (saved by --save-model / save_refiner)")
     if method in INTERPOLATION_MODES:
-        return interpolate_slices(volume, spacing_mm=spacing_mm, mode=method)
+        result = interpolate_slices(volume, spacing_mm=spacing_mm, mode=method)
+        return thick_consistency(result, volume) if consistency else result
     aff = torch.as_tensor(volume.affine, dtype=torch.float64)
     pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
     up = interpolate_slices(volume, spacing_mm=pixel, mode="cubic")
@@ -420,4 +467,4 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
     result = refine_volume(net, up, flips=flips)
     if abs(pixel - spacing_mm) > 1e-3:
         result = interpolate_slices(result, spacing_mm=spacing_mm, mode="cubic")
-    return result
+    return thick_consistency(result, volume) if consistency else result

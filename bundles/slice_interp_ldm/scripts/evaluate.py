@@ -9,7 +9,9 @@ offset of its first slice from the thick series'), and is compared with it:
   space can do better);
 * ``ldm``: the latent diffusion model (DDIM, ``samples`` averaged);
 * ``refiner``: the fast paired model (``ctsynth.slices.SliceRefiner`` from ``refiner_path``);
-* ``self_supervised``: a refiner fitted on each thick series alone (SMORE-style), never seeing the thin one.
+* ``self_supervised``: a refiner fitted on each thick series alone (SMORE-style), never seeing the thin one;
+* ``<method>_consistent`` (:data:`CONSISTENT_METHODS`): that method's prediction given the band the thick series
+  measured (``ctsynth.slices.thick_consistency``); ``cubic_consistent`` shows what the step alone does.
 
 Writes ``metrics.json`` (per case and mean), ``metrics.md`` and, per case, a coronal/sagittal reformat PNG.
 """
@@ -33,14 +35,17 @@ from ctsynth.metrics import compute_image_metrics
 from ctsynth.plots import save_reformat_png
 from ctsynth.prepare import load_datalist, slice_spacing_mm
 from ctsynth.slices import (fit_self_supervised_refiner, interpolate_slices, load_refiner, refine_volume,
-                            thin_grid_offset_mm)
+                            thick_consistency, thin_grid_offset_mm)
 
 from .inference import SliceInterpolator
 
-__all__ = ["EVALUATION_METHODS", "SliceInterpEvaluation"]
+__all__ = ["EVALUATION_METHODS", "CONSISTENT_METHODS", "SliceInterpEvaluation"]
 
 logger = logging.getLogger(__name__)
-EVALUATION_METHODS = ("linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised")
+_BASE_METHODS = ("linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised")
+#: methods scored once more after :func:`ctsynth.slices.thick_consistency`
+CONSISTENT_METHODS = tuple(f"{m}_consistent" for m in ("cubic", "ldm", "refiner", "self_supervised"))
+EVALUATION_METHODS = _BASE_METHODS + CONSISTENT_METHODS
 METRIC_MODES = ("3d", "per-slice")
 
 
@@ -67,9 +72,9 @@ class SliceInterpEvaluation:
         unknown = sorted(set(methods) - set(EVALUATION_METHODS))
         if unknown:
             raise ValueError(f"unknown evaluation methods {unknown}; choose from {EVALUATION_METHODS}")
-        if interpolator is None and {"ldm", "vae_ceiling"} & set(methods):
-            raise ValueError("methods ldm and vae_ceiling need the trained model (interpolator)")
-        if "refiner" in methods and not refiner_path:
+        if interpolator is None and {"ldm", "ldm_consistent", "vae_ceiling"} & set(methods):
+            raise ValueError("methods ldm, ldm_consistent and vae_ceiling need the trained model (interpolator)")
+        if {"refiner", "refiner_consistent"} & set(methods) and not refiner_path:
             raise ValueError("method refiner needs refiner_path (a model from `ctsynth interpolate ... --save-model` "
                              "or the demo's paired refiner)")
         self.datalist, self.out = Path(datalist), Path(output_dir)
@@ -86,8 +91,14 @@ class SliceInterpEvaluation:
         fine = refine_volume(model, interpolate_slices(thick, spacing_mm=pixel))  # the refiner's own grid
         return interpolate_slices(fine, spacing_mm=spacing, count=count, offset_mm=offset)
 
-    def predict(self, method: str, thick: MetaTensor, thin: MetaTensor) -> MetaTensor:
-        """``method``'s thin volume (HU) on ``thin``'s grid."""
+    def predict(self, method: str, thick: MetaTensor, thin: MetaTensor,
+                done: dict[str, MetaTensor] | None = None) -> MetaTensor:
+        """``method``'s thin volume (HU) on ``thin``'s grid (``done``: this case's predictions so far, reused by
+        the ``_consistent`` methods)."""
+        if method in CONSISTENT_METHODS:
+            base = method[: -len("_consistent")]
+            pred = (done or {}).get(base)
+            return thick_consistency(pred if pred is not None else self.predict(base, thick, thin), thick)
         sn, n, offset = slice_spacing_mm(thin), int(thin.shape[3]), thin_grid_offset_mm(thick, thin)
         if method in ("linear", "cubic"):
             return interpolate_slices(thick, spacing_mm=sn, count=n, offset_mm=offset, mode=method)
@@ -110,7 +121,7 @@ class SliceInterpEvaluation:
             preds = {}
             for m in self.methods:
                 t = time.perf_counter()
-                preds[m] = self.predict(m, thick, thin)
+                preds[m] = self.predict(m, thick, thin, preds)
                 seconds[m] += time.perf_counter() - t
                 if tuple(preds[m].shape) != tuple(thin.shape):
                     raise RuntimeError(f"{m} produced {tuple(preds[m].shape)} for a {tuple(thin.shape)} thin series")

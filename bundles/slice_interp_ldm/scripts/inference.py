@@ -23,7 +23,7 @@ from ctsynth.engine import load_network_weights, read_checkpoint_meta
 from ctsynth.io import load_volume, save_dicom_series, save_nifti
 from ctsynth.maisi import LatentCodec, load_maisi_autoencoder, unit_to_ct
 from ctsynth.prepare import slice_spacing_mm
-from ctsynth.slices import slice_positions
+from ctsynth.slices import slice_positions, thick_consistency
 
 from .latents import ThickConditioner
 from .sampling import LatentDiffusionSampler
@@ -46,13 +46,16 @@ class SliceInterpolator:
         chunk / tile: autoencoder windows (slices, in-plane voxels).
         device: where to run.
         autoencoder_args: constructor overrides when the autoencoder file does not record its own.
+        consistency: give each sample the band the thick series measured (``ctsynth.slices.thick_consistency``):
+            the decoded volume keeps only what is finer than a thick slice, the rest comes from the thick series.
     """
 
     def __init__(self, network: nn.Module, checkpoint: str | Path, autoencoder_path: str | Path, scheduler: Any,
                  num_inference_steps: int = 50, window: int | None = 16, overlap: float = 0.25, chunk: int = 64,
                  tile: int | None = None, device: str | torch.device = "cpu",
-                 autoencoder_args: dict[str, Any] | None = None) -> None:
+                 autoencoder_args: dict[str, Any] | None = None, consistency: bool = False) -> None:
         self.device = torch.device(device)
+        self.consistency = bool(consistency)
         meta = read_checkpoint_meta(checkpoint)
         if "scale_factor" not in meta or "conditioning" not in meta:
             raise ValueError(f"{checkpoint}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor/"
@@ -72,9 +75,11 @@ class SliceInterpolator:
 
     @torch.no_grad()
     def __call__(self, thick: MetaTensor, spacing_mm: float = 1.0, samples: int = 1, count: int | None = None,
-                 offset_mm: float = 0.0, seed: int = 0) -> tuple[MetaTensor, MetaTensor | None]:
+                 offset_mm: float = 0.0, seed: int = 0,
+                 consistency: bool | None = None) -> tuple[MetaTensor, MetaTensor | None]:
         """(1, X, Y, Z) thick volume in HU -> (mean, std) thin volumes (1, X, Y, Z') in HU on the thin grid
-        (std None when ``samples`` is 1)."""
+        (std None when ``samples`` is 1; ``consistency``: default the interpolator's)."""
+        consistency = self.consistency if consistency is None else bool(consistency)
         if thick.ndim != 4 or thick.shape[0] != 1:
             raise ValueError(f"expected a (1, X, Y, Z) volume, got {tuple(thick.shape)}")
         if int(samples) < 1:
@@ -87,18 +92,21 @@ class SliceInterpolator:
         n = int(positions.numel())
         cond = self.conditioner(thick.to(self.device), spacing_mm, n, offset_mm)
         g = torch.Generator(device=self.device).manual_seed(int(seed))
-        total = torch.zeros((1, 1, *thick.shape[1:3], n), device=self.device, dtype=torch.float64)
+        total = torch.zeros((1, *thick.shape[1:3], n), dtype=torch.float64)
         total_sq = torch.zeros_like(total)
         for k in range(int(samples)):
             z = self.sampler(cond, generator=g)
-            hu = unit_to_ct(self.codec.decode(z, (*thick.shape[1:3], n))).double()
+            hu = MetaTensor(unit_to_ct(self.codec.decode(z, (*thick.shape[1:3], n)))[0].float().cpu(), affine=affine)
+            if consistency:
+                hu = thick_consistency(hu, thick.cpu())
+            hu = hu.as_tensor().double()
             total += hu
             total_sq += hu * hu
             logger.info("sample %d/%d done", k + 1, samples)
         mean = total / samples
         std = (total_sq / samples - mean * mean).clamp_min(0).sqrt() if samples > 1 else None
-        out = MetaTensor(mean[0].float().cpu(), affine=affine)
-        return out, (MetaTensor(std[0].float().cpu(), affine=affine) if std is not None else None)
+        out = MetaTensor(mean.float(), affine=affine)
+        return out, (MetaTensor(std.float(), affine=affine) if std is not None else None)
 
     def run(self, input: str, output: str, spacing: float = 1.0, samples: int = 1, uncertainty: str | None = None,
             dicom_out: str | None = None, preview: str | None = None, seed: int = 0,
@@ -110,7 +118,7 @@ class SliceInterpolator:
         report: dict[str, Any] = {"input": str(input), "input_slices": int(thick.shape[3]),
                                   "input_spacing_mm": slice_spacing_mm(thick), "written": str(save_nifti(mean, output)),
                                   "slices": int(mean.shape[3]), "spacing_mm": float(spacing), "samples": int(samples),
-                                  "conditioning": self.meta["conditioning"]}
+                                  "conditioning": self.meta["conditioning"], "consistency": self.consistency}
         if std is not None:
             path = uncertainty or str(Path(output).with_name(Path(output).name.replace(".nii", "_std.nii")))
             report["uncertainty"] = str(save_nifti(std, path))
