@@ -32,7 +32,8 @@ from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
            "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
-           "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume", "save_refiner", "load_refiner",
+           "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume",
+           "save_refiner", "load_refiner",
            "STUDY_METHODS", "SLICE_METHODS", "interpolate_study"]
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class SliceRefiner(nn.Module):
             the mirrored context it measured 20x cubic's error on the first slice of a phantom.
         flips: whether :func:`refine_volume` averages over the volume's mirror images by default. Worth it for a
             refiner whose training planes do not tie it to the anatomy's orientation (self-supervised: in-plane
-            slices): +0.10 to +0.17 dB on five phantoms. A refiner trained on coronal and sagittal planes can learn
+            slices): +0.08 to +0.17 dB on five phantoms. A refiner trained on coronal and sagittal planes can learn
             the orientation (ribs slope down towards the front) and lost 1.25 dB with it on a phantom (+1.87 ->
             +0.62 dB over cubic).
     """
@@ -335,7 +336,7 @@ def refine_volume(model: SliceRefiner, upsampled: MetaTensor, axis: int = 2, chu
     and along all three, and average the four results mapped back (4x the time). A mirrored volume is still an
     interpolated thick series (the network is convolutional: the slab positions move with the content), so each
     mirror image gives one more estimate of the same volume. On five phantoms (64x64x84, 2 mm, 5x slabs,
-    self-supervised, 300 steps) it added 0.10-0.17 dB.
+    self-supervised, 300 steps) it added 0.08-0.17 dB.
     """
     vol = scale_hu(torch.as_tensor(upsampled).float()[0], model.window)
     vol = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
