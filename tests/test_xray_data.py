@@ -1,6 +1,7 @@
 """Radiograph and geometry transforms, datalists, table removal and the back-projection baseline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_radiograph_loading_errors(tmp_path):
         LoadGeometryd("g")({"g": str(tmp_path / "g.json")})
 
 
-def test_load_datalist_resolves_paths_and_reports_problems(tmp_path):
+def test_load_datalist_resolves_paths_and_reports_problems(tmp_path, monkeypatch):
     (tmp_path / "cases").mkdir()
     (tmp_path / "cases" / "a.nii.gz").write_bytes(b"x")
     dl = {"training": [{"id": "a", "image_16": "cases/a.nii.gz", "xrays": ["cases/a.nii.gz"], "fov_mm": 3.0}],
@@ -69,6 +70,11 @@ def test_load_datalist_resolves_paths_and_reports_problems(tmp_path):
     (tmp_path / "datalist.json").write_text(json.dumps(dl))
     entries = load_datalist(tmp_path / "datalist.json", "training")
     assert entries[0]["image_16"] == str(tmp_path / "cases" / "a.nii.gz") and entries[0]["fov_mm"] == 3.0
+    # a relative datalist path still gives absolute paths (callers join and cache them: `--out demo_out` broke)
+    monkeypatch.chdir(tmp_path.parent)
+    entries = load_datalist(Path(tmp_path.name) / "datalist.json", "training")
+    assert entries[0]["image_16"] == str((tmp_path / "cases" / "a.nii.gz").resolve())
+    assert Path(entries[0]["image_16"]).is_absolute()
     with pytest.raises(ValueError, match="'validation' is empty"):
         load_datalist(tmp_path / "datalist.json", "validation")
     with pytest.raises(FileNotFoundError, match="case 'b' lists .*missing.nii.gz"):

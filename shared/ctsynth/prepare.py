@@ -230,7 +230,7 @@ def load_datalist(path: str | Path, split: str = "training", check_files: bool =
         raise ValueError(f"{path}: no split {split!r}; it has {splits}")
     if not data[split]:
         raise ValueError(f"{path}: split {split!r} is empty; prepare more cases or change the split fractions")
-    base = path.parent
+    base = path.resolve().parent  # absolute even for a relative datalist path: callers join and cache these paths
 
     def resolve(v: Any) -> Any:
         if isinstance(v, list):
