@@ -249,12 +249,11 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
                     and e["mode"] == mode)
 
     cubic = pick("cubic")["psnr"]
-    learned = ("ldm", "refiner", "self_supervised")
-    gains = {m: pick(m)["psnr"] - cubic for m in (*learned, "vae_ceiling", "linear", "cubic_consistent",
-                                                  *(f"{m}_consistent" for m in learned))}
+    models = [f"{m}{suffix}" for suffix in ("", "_consistent") for m in ("ldm", "refiner", "self_supervised")]
+    gains = {m: pick(m)["psnr"] - cubic for m in (*models, "vae_ceiling", "linear", "cubic_consistent")}
     checks = {f"{m}_minus_cubic_db": g for m, g in gains.items()}
     checks.update({f"{m}_psnr_db": pick(m)["psnr"] for m in ("cubic", "ldm", "refiner")})
-    checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in (*learned, *(f"{m}_consistent" for m in learned))})
+    checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in models})
     summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
                "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"], "inference": infer,
                "metric_definition": "3D over the thin grid, HU window and data range stated per row"}

@@ -246,9 +246,7 @@ def thorax_phantom(
     fov = np.asarray(shape) * sp
     half_w, half_ap, half_h = 170.0 * rng.uniform(0.9, 1.08), 118.0 * rng.uniform(0.9, 1.1), 170.0
     sxy = min(1.0, 0.92 * fov[0] / (2 * half_w), 0.92 * fov[1] / (2 * half_ap)) if fit_fov else 1.0
-    sz = min(1.0, fov[2] / (2 * half_h)) if fit_fov else 1.0
-    if keep_proportions:
-        sz = sxy
+    sz = sxy if keep_proportions or not fit_fov else min(1.0, fov[2] / (2 * half_h))
     S = np.array([sxy, sxy, sz])
 
     def P(x, y, z):  # anatomical mm -> world mm

@@ -387,12 +387,13 @@ def fit_paired_refiner(cases: Sequence[tuple[MetaTensor, MetaTensor]], steps: in
     Args:
         cases: (1, X, Y, Z) HU volumes with their affines, Z the slice axis; the thin grid inside the thick span.
     """
+    from ctsynth.prepare import slice_spacing_mm
+
     if not cases:
         raise ValueError("fit_paired_refiner needs at least one (thick, thin) pair")
     pairs: list[tuple[MetaTensor, MetaTensor, int, int]] = []
     for thick, thin in cases:
-        spacing = float(torch.as_tensor(thin.affine, dtype=torch.float64)[:3, 2].norm())
-        up = interpolate_slices(thick, spacing_mm=spacing, count=int(thin.shape[3]),
+        up = interpolate_slices(thick, spacing_mm=slice_spacing_mm(thin), count=int(thin.shape[3]),
                                 offset_mm=thin_grid_offset_mm(thick, thin))
         pairs += paired_pairs(up, thin)
         if in_plane:

@@ -94,11 +94,12 @@ class SliceInterpolator:
         g = torch.Generator(device=self.device).manual_seed(int(seed))
         total = torch.zeros((1, *thick.shape[1:3], n), dtype=torch.float64)
         total_sq = torch.zeros_like(total)
+        measured = thick.cpu() if consistency else None
         for k in range(int(samples)):
             z = self.sampler(cond, generator=g)
             hu = MetaTensor(unit_to_ct(self.codec.decode(z, (*thick.shape[1:3], n)))[0].float().cpu(), affine=affine)
             if consistency:
-                hu = thick_consistency(hu, thick.cpu())
+                hu = thick_consistency(hu, measured)
             hu = hu.as_tensor().double()
             total += hu
             total_sq += hu * hu
