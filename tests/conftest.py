@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import subprocess
 import sys
@@ -154,15 +155,19 @@ def serve_like_monai_label(bundle: str, models_dir: Path, image: str, work: Path
 
 
 def served_and_written(bundle: str, models_dir: Path, image: str, work: Path, settings: Mapping,
-                       weights: Mapping) -> tuple:
+                       weights: Mapping, role: str = "model") -> tuple:
     """(MONAI Label's prediction for ``image``, the volume ``inference.json``'s own run writes for it, the served
-    config parser), both with ``settings``; ``weights`` are the run's weight-path overrides."""
-    from ctsynth.bundles import run_bundle
+    config parser), both with ``settings`` and the network of ``weights["checkpoint"]`` (the served config gets it
+    as a user edits inference.json, the run as ``ctsynth`` passes it); ``weights`` are the run's weight paths."""
+    from ctsynth.bundles import checkpoint_config, checkpoint_settings, run_bundle
     from ctsynth.io import load_volume
 
-    served = serve_like_monai_label(bundle, models_dir, image, work / "label", settings)
+    ckpt = weights["checkpoint"]
+    served = serve_like_monai_label(bundle, models_dir, image, work / "label",
+                                    {**settings, **checkpoint_config(bundle, ckpt, role)})
     out = work / "written.nii.gz"
-    run_bundle(bundle, ["inference.json"], "inference", {**settings, **weights, "input": image, "output": str(out)})
+    run_bundle(bundle, ["inference.json"], "inference", {**settings, **weights, **checkpoint_settings(bundle, ckpt, role),
+                                                         "input": image, "output": str(out)})
     return served["data"]["pred"], load_volume(out), served["parser"]
 
 
@@ -202,3 +207,17 @@ def tiny_cascade(tmp_path_factory) -> Path:
                {**CASCADE_TINY, "dataset_dir": str(root / "data"), "models_dir": str(root / "models"),
                 "output_dir": str(root / "eval")})
     return root
+
+
+def refused(capsys, argv: Sequence[str], match: str, status: int = 1) -> str:
+    """Runs ``ctsynth argv`` and checks it was refused as a user should see it: exit ``status``, one message on
+    stderr matching ``match``, no traceback, nothing on stdout. Returns the message."""
+    from ctsynth.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    assert rc == status, cap.err
+    assert re.search(match, cap.err), cap.err
+    assert "Traceback" not in cap.err and cap.out == "", (cap.out, cap.err)
+    return cap.err

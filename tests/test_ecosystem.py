@@ -176,7 +176,7 @@ def test_cascade_verified_and_exported_for_one_geometry(tiny_cascade, tmp_path):
     TorchScript file reconstructs what the cascade does for that geometry; without --geometry it says what to give."""
     from monai.data import load_net_with_metadata
 
-    from ctsynth.bundles import bundle_module, network_overrides, verify_bundle
+    from ctsynth.bundles import bundle_module, checkpoint_config, verify_bundle
     from ctsynth.engine import load_network_weights
     from ctsynth.geometry import ProjectionGeometry, cube_affine
     from ctsynth.transforms import load_radiographs, normalize_radiograph
@@ -184,7 +184,7 @@ def test_cascade_verified_and_exported_for_one_geometry(tiny_cascade, tmp_path):
     ckpt = tiny_cascade / "models" / "model.pt"
     case = json.loads((tiny_cascade / "data" / "datalist.json").read_text())["test"][0]
     geometry = str(tiny_cascade / "data" / case["geometry"])
-    over = {"network_def": network_overrides(ckpt)["network_def"]}
+    over = {"network_def": checkpoint_config("cascade_xray2ct", ckpt)["network_def"]}
     assert verify_bundle("cascade_xray2ct")["networks"]["network_def"] == {
         "skipped": "give --geometry to check and export it"}
     report = verify_bundle("cascade_xray2ct", export_dir=tmp_path, models_dir=tiny_cascade / "models",

@@ -8,6 +8,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from conftest import refused
+
 from ctsynth.cli import main
 from ctsynth.io import load_volume, save_dicom_series
 from ctsynth.phantoms import slab_average, thorax_phantom
@@ -99,8 +101,7 @@ def test_prepare_slice_interp_cli(tmp_path, capsys):
     thin = load_volume(tmp_path / "data" / e["thin"])
     assert e["thick_spacing_mm"] == pytest.approx(5.0, abs=1e-3) and e["thin_spacing_mm"] == pytest.approx(1.0, abs=1e-3)
     assert thin.shape[3] == (thick.shape[3] - 1) * 5 + 1
-    with pytest.raises(FileNotFoundError, match="category folders"):
-        main(["prepare", "slice-interp", "--studies", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    refused(capsys, ["prepare", "slice-interp", "--studies", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "category folders")
 
 
 def test_phantom_pairs_follow_the_prepared_layout(tmp_path, capsys):

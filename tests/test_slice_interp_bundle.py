@@ -12,9 +12,9 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from conftest import monai_bundle_run, served_and_written
+from conftest import refused, monai_bundle_run, served_and_written
 
-from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, bundle_root, network_overrides, run_bundle
+from ctsynth.bundles import bundle_module, bundle_root, checkpoint_config, checkpoint_rules, checkpoint_settings, run_bundle
 from ctsynth.cli import main
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_volume
@@ -99,7 +99,7 @@ def test_inference_matches_training_and_seed_network():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
     assert train["network_def"] == infer["network_def"]
-    for k in DIFFUSION_SCHEDULE_KEYS:
+    for k in checkpoint_rules("slice_interp_ldm", "model")["config_keys"]:
         assert train[k] == infer[k], k
     assert train["network_def"]["channels"] == [192, 384, 768, 768]  # the seed's "medium" UNet
     assert train["num_train_timesteps"] == 1000 and infer["inference_steps"] == 50
@@ -147,7 +147,7 @@ def test_evaluation_compares_every_method(trained):
     root, common, over = trained
     ckpt = root / "models" / "model.pt"
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
-        **over, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "inference_steps": 2, "self_supervised_steps": 5,
+        **over, **checkpoint_settings("slice_interp_ldm", ckpt), "inference_steps": 2, "self_supervised_steps": 5,
         "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "self_supervised", "ldm_consistent", "cubic_consistent"]})[0]
     methods = ("linear", "cubic", "vae_ceiling", "ldm", "self_supervised", "ldm_consistent", "cubic_consistent")
     combos = {(r["method"], tuple(r["window"]), r["mode"]) for r in report["summary"]}
@@ -190,14 +190,11 @@ def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys
     raw, tc = load_volume(tmp_path / "raw.nii.gz"), load_volume(tmp_path / "tc.nii.gz")
     assert torch.allclose(tc.as_tensor(), thick_consistency(raw, thick).as_tensor(), atol=0.05)
     assert not torch.allclose(tc.as_tensor(), raw.as_tensor(), atol=1.0)
-    with pytest.raises(ValueError, match="not finer than"):
-        main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm", "--spacing", "30",
-              "--checkpoint", str(root / "models" / "model.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])
-    with pytest.raises(ValueError, match="--samples 2 needs --method ldm"):
-        main(["interpolate", case["thick"], "--out", str(out), "--samples", "2"])
-    with pytest.raises(ValueError, match="not a slice_interp_ldm diffusion checkpoint"):
-        main(["interpolate", case["thick"], "--out", str(out), "--method", "ldm",
-              "--checkpoint", str(root / "models" / "autoencoder.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")])
+    refused(capsys, ["interpolate", case["thick"], "--out", str(out), "--method", "ldm", "--spacing", "30",
+              "--checkpoint", str(root / "models" / "model.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")], "not finer than")
+    refused(capsys, ["interpolate", case["thick"], "--out", str(out), "--samples", "2"], "--samples 2 needs --method ldm")
+    refused(capsys, ["interpolate", case["thick"], "--out", str(out), "--method", "ldm",
+              "--checkpoint", str(root / "models" / "autoencoder.pt"), "--autoencoder", str(root / "models" / "autoencoder.pt")], "not a slice_interp_ldm diffusion checkpoint")
 
 
 def test_multi_process_training_with_torchrun(trained):
@@ -215,7 +212,7 @@ def test_monai_label_contract_serves_what_the_cli_writes(trained, tmp_path):
     root, common, over = trained
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     ckpt = root / "models" / "model.pt"
-    settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "autoencoder_args": AE, "inference_steps": 2,
+    settings = {"autoencoder_args": AE, "inference_steps": 2,
                 "spacing": 2.0, "seed": 3, "codec_chunk": 16, "sampler_window": 8}
     pred, expected, _ = served_and_written("slice_interp_ldm", root / "models", case["thick"], tmp_path, settings,
                                            {"checkpoint": str(ckpt),
@@ -230,7 +227,7 @@ def test_denoiser_passes_verify_net_in_out(trained):
     from ctsynth.bundles import verify_bundle
 
     root, _, _ = trained
-    over = {"network_def": network_overrides(root / "models" / "model.pt")["network_def"]}
+    over = {"network_def": checkpoint_config("slice_interp_ldm", root / "models" / "model.pt")["network_def"]}
     report = verify_bundle("slice_interp_ldm", overrides={"network_def": over})
     assert report["networks"] == {"network_def": {"verified": True}}
     assert set(report["not_exported"]) == {"network_def", "autoencoder"}

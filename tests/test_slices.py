@@ -6,6 +6,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from conftest import refused
+
 from ctsynth.cli import main
 from ctsynth.io import load_volume, save_nifti
 from ctsynth.metrics import compute_image_metrics
@@ -135,10 +137,8 @@ def test_cli_interpolate(tmp_path, capsys):
     assert rep["slices"] == thin.shape[3] == 46 and rep["dicom_files"] == 46
     dcm = load_volume(tmp_path / "dcm")
     assert torch.allclose(torch.as_tensor(dcm.affine), torch.as_tensor(thin.affine), atol=1e-3)
-    with pytest.raises(ValueError, match="needs --model"):
-        main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "x.nii.gz"), "--method", "refiner"])
-    with pytest.raises(ValueError, match="--method must be one of"):
-        main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "x.nii.gz"), "--method", "spline"])
+    refused(capsys, ["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "x.nii.gz"), "--method", "refiner"], "needs --model")
+    refused(capsys, ["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "x.nii.gz"), "--method", "spline"], "--method must be one of")
     main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "ss.nii.gz"), "--method",
           "self-supervised", "--steps", "5", "--save_model", str(tmp_path / "ss.pt"), "--spacing", "2"])
     rep = json.loads(capsys.readouterr().out)

@@ -11,9 +11,9 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 
-from conftest import monai_bundle_run, served_and_written
+from conftest import refused, monai_bundle_run, served_and_written
 
-from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
+from ctsynth.bundles import bundle_module, checkpoint_config, checkpoint_settings, run_bundle
 from ctsynth.cli import main as cli_main
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.io import load_projection, load_volume
@@ -184,7 +184,7 @@ def test_judged_generation_reports_auc_and_image_metrics(stage2):
     root, common = stage2
     ckpt = str(root / "models" / "ldm.pt")
     report = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
-        **common, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), **CLASSIFIER_TINY, "eval_steps": 2,
+        **common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), **CLASSIFIER_TINY, "eval_steps": 2,
         "eval_previews": 1})[0]
     s = report["summary"]
     assert s["cases"] == len(load_datalist(root / "data" / "datalist.json", "test")) and s["window_hu"] == [-1000.0, 1000.0]
@@ -214,17 +214,16 @@ def test_ctsynth_generate_from_a_png(stage2, tmp_path):
     assert load_volume(tmp_path / "ctpa_std.nii.gz").shape == vol.shape and (tmp_path / "ctpa.png").stat().st_size > 1000
 
 
-def test_generate_names_a_missing_checkpoint(tmp_path):
+def test_generate_names_a_missing_checkpoint(tmp_path, capsys):
     png = tmp_path / "cxr.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
-    with pytest.raises(FileNotFoundError, match="ldm.pt"):
-        cli_main(["generate", str(png), "--out", str(tmp_path / "o.nii.gz"), "--models-dir", str(tmp_path)])
+    refused(capsys, ["generate", str(png), "--out", str(tmp_path / "o.nii.gz"), "--models-dir", str(tmp_path)], "ldm.pt")
 
 
 def test_lora_fine_tuning_trains_adapters_and_generates(stage2, tmp_path):
     root, common = stage2
     ckpt = str(root / "models" / "ldm.pt")
-    over = {**common, **{k: v for k, v in network_overrides(ckpt).items()}, "xray_size": 32, "epochs": 1,
+    over = {**common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), "xray_size": 32, "epochs": 1,
             "val_steps": 2, "lora_rank": 2}
     run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "lora.json"], "training", over)
     tuned = root / "models" / "ldm_lora.pt"
@@ -238,8 +237,8 @@ def test_lora_fine_tuning_trains_adapters_and_generates(stage2, tmp_path):
     assert torch.equal(weights[frozen], base[frozen.replace(".base", "")])  # the base stayed frozen
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     rep = run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", {
-        "models_dir": str(root / "models"), "checkpoint": str(tuned), "input": case["xray"],
-        "output": str(tmp_path / "lora.nii.gz"), "steps": 2, **network_overrides(str(tuned), DIFFUSION_SCHEDULE_KEYS)})[0]
+        "models_dir": str(root / "models"), "input": case["xray"], "output": str(tmp_path / "lora.nii.gz"), "steps": 2,
+        **checkpoint_settings("xray2ctpa_vqgan", tuned, role="ldm")})[0]
     assert load_volume(rep["written"]).shape == (1, 32, 32, 24)
 
 
@@ -284,9 +283,9 @@ def test_monai_label_contract_serves_what_the_cli_writes(stage2, tmp_path):
     root, _ = stage2
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     ckpt = root / "models" / "ldm.pt"
-    settings = {**network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "steps": 2, "guidance": 2.0, "seed": 5}
+    settings = {"steps": 2, "guidance": 2.0, "seed": 5}
     pred, expected, parser = served_and_written("xray2ctpa_vqgan", root / "models", case["xray"], tmp_path, settings,
-                                                {"checkpoint": str(ckpt), "vqgan_path": str(root / "models" / "vqgan.pt")})
+                                                {"checkpoint": str(ckpt), "vqgan_path": str(root / "models" / "vqgan.pt")}, "ldm")
     assert tuple(pred.shape) == (1, 32, 32, 24) == tuple(expected.shape)
     assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
     assert parser.get_parsed_content("xray_size") == 32
@@ -304,7 +303,7 @@ def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
     root, _ = stage2
     vq_over = {k: v for k, v in VQ_TINY.items() if k.startswith("network_def#")}
     ldm = root / "models" / "ldm.pt"
-    ldm_over = {"network_def": network_overrides(ldm)["network_def"],
+    ldm_over = {"network_def": checkpoint_config("xray2ctpa_vqgan", ldm, role="ldm")["network_def"],
                 "_meta_#network_data_format#inputs#image#num_channels": VQ_TINY["network_def#embedding_dim"],
                 "_meta_#network_data_format#outputs#pred#num_channels": VQ_TINY["network_def#embedding_dim"]}
     report = verify_bundle("xray2ctpa_vqgan", export_dir=tmp_path / "ts", models_dir=root / "models",

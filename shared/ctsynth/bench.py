@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ctsynth.atomic import atomic_write, atomic_write_text
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 
@@ -117,8 +118,7 @@ def write_json(result: dict[str, Any], out: str | Path | None, plot: str | Path 
     """The result as JSON text, also written to ``out`` and drawn as a bar chart of its timings to ``plot``."""
     text = json.dumps(result, indent=2)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        atomic_write_text(text + "\n", out)
     if plot is not None:
         plot_benchmark(result, plot)
     return text
@@ -344,11 +344,10 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("seconds (median)")
     ax.set_title(f"ctsynth bench {result.get('benchmark', '')} on {result.get('machine', {}).get('device', '')}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png"), path)
+    finally:
+        plt.close(fig)
 
 
 #: the denoiser of each bundle with a diffusion stage: (training config holding ``network_def``, module, class)

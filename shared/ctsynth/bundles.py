@@ -7,6 +7,7 @@ import however the config is parsed, also in a process serving several bundles.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -16,16 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES", "DIFFUSION_SCHEDULE_KEYS", "bundle_root", "bundle_module", "bundle_version", "pack_bundle",
-           "run_bundle", "network_overrides", "slice_ldm_overrides", "cascade_overrides", "NetworkExport", "EXPORTS",
-           "NOT_EXPORTED", "verify_bundle"]
+from monai.bundle import ConfigWorkflow
+
+from ctsynth.engine import read_checkpoint_meta
+from ctsynth.meta_schema import CheckpointNetwork, MetaError, check_plain_value, validate_checkpoint_meta
+
+__all__ = ["BUNDLES", "bundle_root", "bundle_module", "bundle_version", "pack_bundle", "run_bundle", "parse_device",
+           "checkpoint_rules", "checkpoint_network", "checkpoint_settings", "checkpoint_config", "NetworkExport",
+           "EXPORTS", "NOT_EXPORTED", "verify_bundle"]
 
 logger = logging.getLogger(__name__)
 
 #: The bundles of this project.
 BUNDLES = ("cascade_xray2ct", "slice_interp_ldm", "xray2ctpa_vqgan")
-#: config ids a diffusion checkpoint records and its sampler must reuse (``network_overrides(..., meta_keys)``)
-DIFFUSION_SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "schedule", "beta_start", "beta_end")
 
 
 def bundle_root(name: str, add_to_path: bool = True) -> str:
@@ -91,8 +95,6 @@ def _activate(root: str) -> None:
 
 def bundle_module(name: str, module: str) -> Any:
     """Imports ``scripts.<module>`` of bundle ``name`` (e.g. ``bundle_module("slice_interp_ldm", "sampling")``)."""
-    import importlib
-
     bundle_root(name)
     return importlib.import_module(f"scripts.{module}")
 
@@ -198,83 +200,161 @@ def _published_large_files(root: Path, files_dir: Path, base_url: str) -> str:
 
 def run_bundle(name: str, configs: Sequence[str], run_id: str, overrides: Mapping[str, Any] | None = None,
                init_id: str = "initialize", final_id: str = "finalize", device: str | None = None) -> Any:
-    """Runs ``run_id`` of bundle ``name`` with ``configs`` (file names in its ``configs/``, merged in order)
-    and ``overrides`` (config ids -> values), as ``python -m monai.bundle run`` would; ``device`` (e.g. ``cuda:1``)
-    replaces the config's ``device`` when given."""
-    from monai.bundle import ConfigWorkflow
+    """Runs ``run_id`` of bundle ``name`` with ``configs`` (file names in its ``configs/``, merged in order), as
+    ``python -m monai.bundle run`` would, with ``overrides`` (config ids -> values) taken as **data**.
 
+    A top-level id's value (``"output": "/tmp/$x"``) never reaches MONAI's config parser: it becomes that id's
+    resolved value as it is, so no string is evaluated (``$``), followed (``@``, ``%``) or rewritten (``#``), and
+    no dict is instantiated (``_target_``). A nested id (``"network_def#hidden": 64``) is set in the config and
+    must hold plain data (numbers, booleans, words: :func:`ctsynth.meta_schema.check_plain_value`). ``device``
+    (e.g. ``cuda:1``) replaces the config's ``device`` when given.
+
+    Raises:
+        ValueError: a nested override that is not plain data, or a device torch does not know.
+    """
+    literals, nested = _split_overrides(overrides or {})
     if device:
-        overrides = {**dict(overrides or {}), "device": f"$torch.device({device!r})"}
-
+        literals["device"] = parse_device(device)
     root = Path(bundle_root(name))
     files = [str(root / "configs" / c) for c in configs]
-    workflow = ConfigWorkflow(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
-                              logging_file=False, workflow_type=None, init_id=init_id, run_id=run_id,
-                              final_id=final_id, **dict(overrides or {}))
+    workflow = _DataOverrideWorkflow(literals, config_file=files, meta_file=str(root / "configs" / "metadata.json"),
+                                     logging_file=False, workflow_type=None, init_id=init_id, run_id=run_id,
+                                     final_id=final_id, **nested)
     workflow.initialize()
     try:
         return workflow.run()
     except RuntimeError as e:  # MONAI wraps errors raised while building or evaluating config items
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        if root is not e and isinstance(root, (ValueError, KeyError, OSError)):
-            raise root from None  # ours name the file and the fix; the wrapper adds nothing for the user
+        root_error = e
+        while root_error.__cause__ is not None:
+            root_error = root_error.__cause__
+        if root_error is not e and isinstance(root_error, (ValueError, KeyError, OSError)):
+            raise root_error from None  # ours name the file and the fix; the wrapper adds nothing for the user
         raise
     finally:
         workflow.finalize()
 
 
-def network_overrides(checkpoint: str | Path, meta_keys: Sequence[str] = (),
-                      meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Config overrides (``network_def``, ``sizes``, and the ``meta_keys`` the checkpoint recorded, e.g. the
-    diffusion schedule) rebuilding the network a checkpoint was trained with.
+def parse_device(device: str | Any) -> Any:
+    """``torch.device(device)``, or a ValueError that says what a device looks like."""
+    import torch
 
-    ``network_def`` is left out when the checkpoint carries no network description (a bare state dict): the
-    config's own is used then. Pass ``meta`` when it was read already (checkpoints can be gigabytes).
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {str(device)[:60]!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(top-level ids -> values kept out of the parser, nested ids -> checked plain values for the parser)."""
+    literals, nested = {}, {}
+    for key, value in overrides.items():
+        if "#" in key or "::" in key:
+            try:
+                nested[key] = check_plain_value(value, "override", key, None, None)
+            except MetaError:
+                raise ValueError(f"override {key!r} must be plain data (numbers, booleans, words; no '$', '@', '%', "
+                                 f"'#' or '_target_'), got {str(value)[:80]!r}; set its top-level id instead, whose "
+                                 "value is never parsed") from None
+        else:
+            literals[key] = value
+    return literals, nested
+
+
+class _DataOverrideWorkflow(ConfigWorkflow):
+    """:class:`monai.bundle.ConfigWorkflow` whose ``initialize`` parses the configs, then sets the data overrides as
+    resolved values (so references such as ``@output`` get them verbatim) before running ``init_id``."""
+
+    def __init__(self, literals: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.literals = dict(literals)
+
+    def initialize(self) -> Any:
+        self.parser.parse(reset=True)
+        self.parser.ref_resolver.resolved_content.update(self.literals)
+        self._is_initialized = True
+        return self._run_expr(id=self.init_id)
+
+
+#: the file in a bundle's ``configs/`` describing what its checkpoints' meta may hold (see ``checkpoint_settings``)
+CHECKPOINT_RULES = "checkpoints.json"
+
+
+def checkpoint_rules(name: str, role: str) -> dict[str, Any]:
+    """Bundle ``name``'s rules for its ``role`` checkpoint (``configs/checkpoints.json``): ``network_targets``
+    (allowed classes), ``fields`` (:class:`ctsynth.meta_schema.MetaField` per meta key), ``network_config``
+    (rules per constructor argument), ``network_int_max``, ``required`` keys with ``kind`` (what such a file
+    is), and ``config_keys`` (meta keys that set config ids of the same name)."""
+    path = Path(bundle_root(name, add_to_path=False)) / "configs" / CHECKPOINT_RULES
+    rules = json.loads(path.read_text())
+    if role not in rules:
+        raise KeyError(f"{path} has no rules for {role!r} checkpoints; it lists {sorted(rules)}")
+    return rules[role]
+
+
+def checkpoint_network(name: str, checkpoint: str | Path, role: str = "model",
+                       meta: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], CheckpointNetwork | None]:
+    """The checked meta of bundle ``name``'s ``role`` checkpoint and the network it describes (``None`` for a bare
+    state dict), validated against the bundle's :func:`checkpoint_rules`.
+
+    Raises:
+        MetaError: naming the file and the key that breaks the rules (an unknown network class, an argument the
+            class does not take, a value out of range, a string a config parser would evaluate).
     """
-    from ctsynth.engine import read_checkpoint_meta
+    _, checked, network = _checked_checkpoint(name, checkpoint, role, meta)
+    return checked, network
 
-    meta = read_checkpoint_meta(checkpoint) if meta is None else meta
-    out: dict[str, Any] = {k: meta[k] for k in meta_keys if k in meta}
-    target, cfg = meta.get("network_target"), meta.get("network_config")
-    if not target or not cfg:
-        return out
-    out["network_def"] = {"_target_": target, **cfg}
-    if "sizes" in cfg:
-        out["sizes"] = list(cfg["sizes"])
-    elif "size" in cfg:
-        out["sizes"] = [cfg["size"]]
+
+def checkpoint_settings(name: str, checkpoint: str | Path, role: str = "model",
+                        meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Overrides (data, for :func:`run_bundle`) that rebuild the network a checkpoint of bundle ``name`` was trained
+    with: ``checkpoint`` (its path), ``network_def`` (the network, built here from the checked class and
+    arguments; left out for a bare state dict), ``sizes`` (from its ``sizes`` / ``size`` argument) and the
+    rules' ``config_keys`` it records (e.g. the noise schedule). Pass ``meta`` when it was read already.
+
+    Raises:
+        MetaError: as :func:`checkpoint_network`.
+    """
+    rules, checked, network = _checked_checkpoint(name, checkpoint, role, meta)
+    out = {"checkpoint": str(checkpoint), **_recorded_settings(rules, checked, network)}
+    if network is not None:
+        out["network_def"] = network.cls(**network.args)
     return out
 
 
-def slice_ldm_overrides(checkpoint: str | Path | None = None, autoencoder: str | Path | None = None,
-                        models_dir: str | Path | None = None) -> dict[str, Any]:
-    """``inference.json`` overrides of slice_interp_ldm for a trained diffusion checkpoint (default
-    ``MODELS/model.pt``) and its autoencoder (default ``MODELS/autoencoder.pt``), MODELS being ``models_dir`` or
-    the bundle's ``models/``: the paths, the network and the noise schedule the checkpoint was trained with.
-
-    Raises:
-        ValueError: the checkpoint is not a slice_interp_ldm diffusion checkpoint (names it and the fix).
-    """
-    from ctsynth.engine import read_checkpoint_meta
-
-    models = Path(models_dir) if models_dir else Path(bundle_root("slice_interp_ldm")) / "models"
-    ckpt = str(checkpoint or models / "model.pt")
-    meta = read_checkpoint_meta(ckpt)
-    if "scale_factor" not in meta:
-        raise ValueError(f"{ckpt}: not a slice_interp_ldm diffusion checkpoint (its meta has no scale_factor); "
-                         "pass the models/model.pt written by bundles/slice_interp_ldm/configs/train.json")
-    return {"checkpoint": ckpt, "autoencoder_path": str(autoencoder or models / "autoencoder.pt"),
-            **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
+def checkpoint_config(name: str, checkpoint: str | Path, role: str = "model") -> dict[str, Any]:
+    """The same as :func:`checkpoint_settings` in config form, for MONAI's own tools that take config overrides
+    (``verify_net_in_out``, ``ckpt_export``, MONAI Label's ``BundleInferTask``): ``network_def`` is the checked
+    ``{"_target_": <the bundle's allowed class>, **arguments}``, every value plain data."""
+    rules, checked, network = _checked_checkpoint(name, checkpoint, role, None)
+    out = _recorded_settings(rules, checked, network)
+    if network is not None:
+        out["network_def"] = {"_target_": network.target, **network.args}
+    return out
 
 
-def cascade_overrides(checkpoint: str | Path | None = None, models_dir: str | Path | None = None) -> dict[str, Any]:
-    """``inference.json`` overrides of cascade_xray2ct for a trained checkpoint (default ``MODELS/model.pt``,
-    MODELS being ``models_dir`` or the bundle's ``models/``): its path and the network it was trained with."""
-    models = Path(models_dir) if models_dir else Path(bundle_root("cascade_xray2ct")) / "models"
-    ckpt = str(checkpoint or models / "model.pt")
-    return {"checkpoint": ckpt, **network_overrides(ckpt)}
+def _checked_checkpoint(name: str, checkpoint: str | Path, role: str, meta: Mapping[str, Any] | None
+                        ) -> tuple[dict[str, Any], dict[str, Any], CheckpointNetwork | None]:
+    """(the rules, the checked meta, the checked network) of a checkpoint (see :func:`checkpoint_network`)."""
+    rules = checkpoint_rules(name, role)
+    bundle_root(name)  # the bundle's scripts resolve the allowed targets
+    targets = {}
+    for target in rules.get("network_targets", ()):
+        module, _, attr = target.rpartition(".")
+        targets[target] = getattr(importlib.import_module(module), attr)
+    raw = read_checkpoint_meta(checkpoint) if meta is None else meta
+    return (rules, *validate_checkpoint_meta(raw, rules, checkpoint, targets))
+
+
+def _recorded_settings(rules: Mapping[str, Any], checked: Mapping[str, Any],
+                       network: CheckpointNetwork | None) -> dict[str, Any]:
+    """The config ids a checkpoint sets besides its network: the rules' ``config_keys`` and ``sizes``."""
+    out = {k: checked[k] for k in rules.get("config_keys", ()) if k in checked}
+    args = network.args if network is not None else {}
+    if "sizes" in args:
+        out["sizes"] = list(args["sizes"])
+    elif "size" in args:
+        out["sizes"] = [args["size"]]
+    return out
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,18 @@ __all__ = ["CLI", "Bench", "main", "normalise_argv"]
 logger = logging.getLogger("ctsynth")
 _MULTI_VALUE_FLAGS = ("--shape", "--spacing", "--window", "--sizes", "--views-angles", "--stages", "--batch", "--depths",
                       "--train-shape", "--volume", "--roi", "--latent-shape", "--patch")
+#: the range of every number an option of that name takes (checked before a command runs: no ZeroDivisionError
+#: from --size 0, no 360 GB allocation from --spacing 1e-6)
+OPTION_LIMITS: dict[str, tuple[float, float]] = {
+    "repeats": (1, 1000), "n": (1, 100000), "size": (1, 8192), "xray_size": (8, 4096), "steps": (1, 100000),
+    "inference_steps": (1, 1000), "samples": (1, 1000), "sid": (1, 1e5), "sdd": (1, 1e5), "energy": (10, 500),
+    "spacing": (0.05, 100), "pixel_spacing": (1e-3, 100), "shape": (4, 2048), "sizes": (8, 1024),
+    "guidance": (0, 100), "factor": (2, 32), "fov_mm": (1, 2000), "emboli": (0, 1), "detail": (0, 10),
+    "noise": (0, 1000), "batch": (1, 1024), "latent_shape": (1, 1024), "train_shape": (4, 2048),
+    "volume": (4, 4096), "roi": (4, 2048), "patch": (4, 2048), "depths": (1, 4096), "window": (-10000, 100000),
+    "plane_chunk": (1, 8192), "in_plane": (8, 2048), "chunk": (1, 4096), "overlap": (0, 0.95),
+    "num_splits": (1, 64), "latent_channels": (1, 1024), "stages": (1, 8), "seed": (0, 2**63 - 1),
+}
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
 
@@ -42,8 +54,19 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
+#: where results go while a command runs (stdout itself is pointed at stderr then)
+_result_stream: Any = None
+
+
+def _emit_text(text: str) -> None:
+    """Writes a command's result (JSON text) to stdout, the only thing a command writes there."""
+    out = _result_stream if _result_stream is not None else sys.stdout
+    out.write(text.rstrip("\n") + "\n")
+    out.flush()
+
+
 def _emit(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    _emit_text(json.dumps(obj, indent=2))
 
 
 def _tuple(x: Any, n: int | None = None, name: str = "value") -> tuple:
@@ -75,7 +98,7 @@ class Bench:
 
         res = bench_drr(_tuple(shape, 3, "shape"), _tuple(spacing, 3, "spacing"), size, pixel_spacing, sid, sdd,
                         views, backend, input_kind, plane_chunk, repeats, device, dtype)
-        sys.stdout.write(write_json(res, out, plot) + "\n")
+        _emit_text(write_json(res, out, plot))
 
 
     def cascade(self, sizes: Any = (64, 128, 256), stages: Any = None, batch: Any = 2, xray_size: int = 512,
@@ -95,7 +118,7 @@ class Bench:
             network = _network_args(CASCADE_DEMO_NETWORK)
         res = bench_cascade(_tuple(sizes), None if stages is None else _tuple(stages), batch if isinstance(batch, int)
                             else _tuple(batch), xray_size, views, repeats, device, amp, network)
-        sys.stdout.write(write_json(res, out, plot) + "\n")
+        _emit_text(write_json(res, out, plot))
 
 
     def maisi(self, depths: Any = (32, 64, 128), in_plane: int = 64, chunk: int = 32, overlap: float = 0.25,
@@ -105,7 +128,7 @@ class Bench:
         from ctsynth.bench import bench_maisi, write_json
 
         res = bench_maisi(_tuple(depths), in_plane, chunk, overlap, device, small, num_splits)
-        sys.stdout.write(write_json(res, out, plot) + "\n")
+        _emit_text(write_json(res, out, plot))
 
     def vqgan(self, train_shape: Any = (256, 256, 64), batch: Any = 2, volume: Any = (512, 512, 128), roi: Any = (256, 256, 128),
               repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False, out: str | None = None,
@@ -123,7 +146,7 @@ class Bench:
         vol = None if volume in (None, "none", "None") else _tuple(volume, 3, "volume")
         b = _one_int(batch)
         res = bench_vqgan(_tuple(train_shape, 3, "train-shape"), b, vol, _tuple(roi, 3, "roi"), repeats, device, amp, network)
-        sys.stdout.write(write_json(res, out, plot) + "\n")
+        _emit_text(write_json(res, out, plot))
 
 
     def diffusion(self, bundle: str = "slice_interp_ldm", latent_shape: Any = (64, 64, 32), batch: Any = 2,
@@ -142,7 +165,7 @@ class Bench:
         b = _one_int(batch)
         res = bench_diffusion(bundle, _tuple(latent_shape, 3, "latent-shape"), b, repeats, device, amp, network,
                               latent_channels, xray_size)
-        sys.stdout.write(write_json(res, out, plot) + "\n")
+        _emit_text(write_json(res, out, plot))
 
 
     def autoencoder(self, patch: Any = (64, 64, 64), batch: Any = 1, repeats: int = 3, device: str = "cpu",
@@ -158,8 +181,7 @@ class Bench:
 
             overrides = dict(SLICE_DEMO_AUTOENCODER)
         b = _one_int(batch)
-        sys.stdout.write(write_json(bench_autoencoder(_tuple(patch, 3, "patch"), b, repeats, device, overrides), out,
-                                    plot) + "\n")
+        _emit_text(write_json(bench_autoencoder(_tuple(patch, 3, "patch"), b, repeats, device, overrides), out, plot))
 
     def classifier(self, volume: Any = (256, 256, 64), batch: Any = 4, repeats: int = 3, device: str = "cpu",
                    small: bool = False, out: str | None = None, plot: str | None = None) -> None:
@@ -173,8 +195,7 @@ class Bench:
 
             overrides = _network_args(CTPA_DEMO_CLASSIFIER)
         b = _one_int(batch)
-        sys.stdout.write(write_json(bench_classifier(_tuple(volume, 3, "volume"), b, repeats, device, overrides), out,
-                                    plot) + "\n")
+        _emit_text(write_json(bench_classifier(_tuple(volume, 3, "volume"), b, repeats, device, overrides), out, plot))
 
 
 class Prepare:
@@ -285,13 +306,14 @@ class CLI:
         the bundle's models/model.pt). Writes OUT, OUT's .png preview and .json report (re-projection PSNR,
         and metrics against ``--ground-truth`` when given); ``--save-stages`` writes every stage's output.
         """
-        from ctsynth.bundles import cascade_overrides, run_bundle
+        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
 
         if not xrays:
             raise ValueError("give the radiographs: ctsynth reconstruct AP LATERAL [...] --geometry G.json --out CT.nii.gz")
+        ckpt = checkpoint or str(Path(bundle_root("cascade_xray2ct")) / "models" / "model.pt")
         overrides = {"xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
                      "ground_truth": ground_truth, "save_stages": save_stages, "fov_mm": fov_mm, "preview": preview,
-                     **cascade_overrides(checkpoint)}
+                     **checkpoint_settings("cascade_xray2ct", ckpt)}
         _emit(run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides, device=device)[0])
 
     def interpolate(self, thick: str, out: str, spacing: float = 1.0, method: str = "cubic",
@@ -312,7 +334,7 @@ class CLI:
         faster, 0.08-0.17 dB less on phantoms; ``--flips true`` for a paired refiner). ``--consistency``: the
         result keeps only what is finer than a thick slice and takes the rest from the thick series (any method).
         """
-        from ctsynth.io import load_volume, save_dicom_series, save_nifti
+        from ctsynth.io import check_outputs, load_volume, save_dicom_series, save_nifti
         from ctsynth.slices import SLICE_METHODS, interpolate_study
 
         spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)  # --spacing is multi-valued elsewhere
@@ -323,13 +345,16 @@ class CLI:
             raise ValueError("--method refiner needs --model PATH (a refiner saved with --save-model)")
         if int(samples) > 1 and method != "ldm":
             raise ValueError(f"--samples {samples} needs --method ldm (the other methods are deterministic)")
+        check_outputs([out], dicom_out, [save_model])
         if method == "ldm":
-            from ctsynth.bundles import run_bundle, slice_ldm_overrides
+            from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
 
+            models = Path(bundle_root("slice_interp_ldm")) / "models"
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "inference_steps": int(inference_steps),
                          "consistency": bool(consistency),
-                         **slice_ldm_overrides(checkpoint, autoencoder)}
+                         "autoencoder_path": autoencoder or str(models / "autoencoder.pt"),
+                         **checkpoint_settings("slice_interp_ldm", checkpoint or str(models / "model.pt"))}
             _emit(run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides, device=device)[0])
             return
         vol = load_volume(thick, series_uid=series_uid)
@@ -337,7 +362,7 @@ class CLI:
                                    flips=flips, consistency=consistency)
         save_nifti(result, out)
         report = {"written": out, "method": method, "slices": int(result.shape[3]), "spacing_mm": spacing,
-                  "input_slices": int(vol.shape[3]), "consistency": bool(consistency)}
+                  "input_slices": int(vol.shape[3]), "consistency": bool(consistency), **_warnings(vol)}
         if dicom_out:
             report["dicom_files"] = len(save_dicom_series(result, dicom_out, reference=thick if Path(thick).is_dir() else None,
                                                           series_description=f"ctsynth {method} {spacing:g} mm"))
@@ -354,16 +379,13 @@ class CLI:
         (stage 2, default MODELS/ldm.pt) and ``--vqgan`` (stage 1, default MODELS/vqgan.pt), MODELS being
         ``--models-dir`` or the bundle's models/.
         """
-        from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_root, network_overrides, run_bundle
-        from ctsynth.engine import read_checkpoint_meta
+        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
 
         models = Path(models_dir) if models_dir else Path(bundle_root("xray2ctpa_vqgan")) / "models"
-        ckpt = checkpoint or str(models / "ldm.pt")
-        meta = read_checkpoint_meta(ckpt)
         overrides = {"input": xray, "output": out, "steps": int(steps), "guidance": float(guidance),
                      "samples": int(samples), "seed": int(seed), "dicom_out": dicom_out, "preview": preview,
-                     "checkpoint": ckpt, "vqgan_path": vqgan or str(models / "vqgan.pt"),
-                     **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS, meta)}
+                     "vqgan_path": vqgan or str(models / "vqgan.pt"),
+                     **checkpoint_settings("xray2ctpa_vqgan", checkpoint or str(models / "ldm.pt"), role="ldm")}
         _emit(run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", overrides, device=device)[0])
 
     def phantom(self, out_dir: str, n: int = 1, shape: Any = (128, 128, 128), spacing: Any = 3.0,
@@ -374,12 +396,14 @@ class CLI:
         --keep_proportions: z scaled like x and y instead of stretched to fill the depth)."""
         from tqdm.auto import tqdm
 
-        from ctsynth.io import save_dicom_series, save_nifti
+        from ctsynth.atomic import atomic_write_json
+        from ctsynth.io import check_outputs, save_dicom_series, save_nifti
         from ctsynth.phantoms import thorax_phantom
 
         if format not in ("nifti", "dicom"):
             raise ValueError(f"--format must be 'nifti' or 'dicom', got {format!r}")
         out = Path(out_dir)
+        check_outputs(files=[out / "phantoms.json"])
         out.mkdir(parents=True, exist_ok=True)
         manifest = []
         for i in tqdm(range(n), desc="phantoms", unit="vol"):
@@ -391,7 +415,7 @@ class CLI:
                 vol, out / name, series_description=f"ctsynth phantom seed {seed + i}")[0].parent
             manifest.append({"path": str(path.relative_to(out)), "seed": info.seed, "contrast": info.contrast,
                              "emboli": info.emboli, "pe": int(info.emboli > 0)})
-        (out / "phantoms.json").write_text(json.dumps(manifest, indent=2))
+        atomic_write_json(manifest, out / "phantoms.json")
         _emit({"written": len(manifest), "out_dir": str(out)})
 
     def drr(self, volume: str, out: str, views: str = "ap,lateral", size: int = 256, pixel_spacing: float | None = None,
@@ -402,9 +426,10 @@ class CLI:
 
         from ctsynth.drr import DRRProjector, display_image
         from ctsynth.geometry import ProjectionGeometry, volume_extent_mm
-        from ctsynth.io import load_volume, save_projection_nifti
+        from ctsynth.io import check_outputs, load_volume, save_projection_nifti
         from ctsynth.plots import save_image_png
 
+        check_outputs(files=[Path(out) / "geometry.json"])
         vol = load_volume(volume, series_uid=series_uid)
         shape = vol.shape[1:]
         if pixel_spacing is None:  # cover the volume's largest extent with 10% margin, magnified
@@ -427,41 +452,121 @@ class CLI:
         _emit({"views": files, "geometry": str(outp / "geometry.json"), "energy_kev": energy})
 
     def metrics(self, pred: str, target: str, window: Any = (-1000.0, 1000.0), mode: str = "3d",
-                mask: str | None = None) -> None:
-        """PSNR / SSIM / MAE (HU) between two CT volumes on a window; prints JSON."""
+                mask: str | None = None, resample: bool = False) -> None:
+        """PSNR / SSIM / MAE (HU) between two CT volumes on a window; prints JSON.
+
+        Both must lie on the same voxel grid in space (shape and affine: an x-flipped copy or one 300 mm away is
+        refused); ``--resample`` resamples PRED (linear) onto TARGET's grid instead. ``--mask`` (non-zero voxels,
+        on TARGET's grid) must select at least one voxel.
+        """
         from ctsynth.io import load_volume
-        from ctsynth.metrics import compute_image_metrics
+        from ctsynth.metrics import compute_image_metrics, same_grid
 
         p, t = load_volume(pred), load_volume(target)
-        if p.shape != t.shape:
-            raise ValueError(f"{pred} {tuple(p.shape[1:])} and {target} {tuple(t.shape[1:])} differ in shape; resample one")
-        m = load_volume(mask) > 0 if mask else None
+        if resample and not same_grid(p, t):
+            from monai.transforms import ResampleToMatch
+
+            p = ResampleToMatch(mode="bilinear", padding_mode="border")(p, t)
+        if not same_grid(p, t):
+            raise ValueError(f"{pred} and {target} lie on different voxel grids ({same_grid(p, t, explain=True)}); "
+                             "compare volumes on one grid, or pass --resample to resample PRED onto TARGET's grid")
+        m = None
+        if mask:
+            mv = load_volume(mask)
+            if not same_grid(mv, t):
+                raise ValueError(f"mask {mask} is not on {target}'s voxel grid ({same_grid(mv, t, explain=True)}); "
+                                 "resample the mask onto the target first")
+            m = mv > 0
+            if not bool(m.any()):
+                raise ValueError(f"mask {mask} selects no voxel (all zero); pass a mask with the region to score")
         _emit(compute_image_metrics(p, t, window=_tuple(window, 2, "window"), mode=mode, mask=m))
 
     def convert(self, input: str, output: str, series_uid: str | None = None, series_description: str | None = None,
                 resample: bool = False, reference: str | None = None) -> None:
         """DICOM folder/zip -> NIfTI, or NIfTI -> DICOM series folder (reference: copy patient/study tags)."""
-        from ctsynth.io import is_nifti, load_volume, save_dicom_series, save_nifti
+        from ctsynth.io import check_outputs, is_nifti, load_volume, save_dicom_series, save_nifti
 
+        to_nifti = is_nifti(output)
+        check_outputs([output] if to_nifti else [], None if to_nifti else output)
         vol = load_volume(input, series_uid=series_uid, series_description=series_description, resample_nonuniform=resample)
-        if is_nifti(output):
+        if to_nifti:
             save_nifti(vol, output)
-            _emit({"written": output, "shape": list(vol.shape[1:])})
+            _emit({"written": output, "shape": list(vol.shape[1:]), **_warnings(vol)})
         else:
             files = save_dicom_series(vol, output, reference=reference)
-            _emit({"written": output, "files": len(files)})
+            _emit({"written": output, "files": len(files), **_warnings(vol)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def _warnings(volume: Any) -> dict[str, Any]:
+    """``{"warnings": [...]}`` for a report when reading ``volume`` raised any (e.g. a CT without rescale tags)."""
+    found = list(getattr(volume, "meta", {}).get("warnings", []) or [])
+    return {"warnings": found} if found else {}
+
+
+#: errors that mean bad input (exit status 1): the message names the file or setting and the fix
+_INPUT_ERRORS = (ValueError, KeyError, OSError, TypeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a ``ctsynth`` command; returns its exit status (0 done, 1 bad input, 2 bad command line).
+
+    The command line is checked before anything runs (:func:`ctsynth.cli_args.check_command_line`); stdout
+    carries only the command's JSON result, logs and progress bars go to stderr; a refusal is one message on
+    stderr (``CTSYNTH_DEBUG=1`` adds the traceback).
+    """
     import fire
 
+    from ctsynth.cli_args import UsageError, check_command_line, command_name, runs_a_command
     from ctsynth.runtime import tune_cpu_allocator
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_cpu_allocator()
+    global _result_stream
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    fire.Fire(CLI, command=args, name="ctsynth")
+    command = command_name(CLI(), args)
+    result, _result_stream = sys.stdout, sys.stdout
+    if runs_a_command(CLI(), args):  # help stays on stdout; a command's stdout is its JSON result alone
+        _redirect_stdout_handlers(result, sys.stderr)
+        sys.stdout = sys.stderr  # anything a library prints is a log line, not the result
+    try:
+        checked = check_command_line(CLI(), args, OPTION_LIMITS)
+        tune_cpu_allocator()
+        fire.Fire(CLI, command=checked, name="ctsynth")
+        return 0
+    except UsageError as e:
+        return _refuse(command, e, 2, f" (`{command} --help` lists the options)")
+    except _INPUT_ERRORS as e:
+        return _refuse(command, e, 1)
+    except Exception as e:  # noqa: BLE001 - an unforeseen failure still ends in one message, not a traceback
+        return _refuse(command, e, 1, "; this looks like a bug in ctsynth: re-run with CTSYNTH_DEBUG=1 and report "
+                                      "the traceback")
+    finally:
+        sys.stdout, _result_stream = result, None
+
+
+def _refuse(command: str, error: BaseException, status: int, hint: str = "") -> int:
+    import os
+    import traceback
+
+    if os.environ.get("CTSYNTH_DEBUG", "").strip().lower() in ("1", "true", "yes"):
+        traceback.print_exception(error, file=sys.stderr)
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+        message = f"{error.filename}: {message}"
+    kind = "" if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: "
+    sys.stderr.write(f"{command}: error: {kind}{message}{hint}\n")
+    return status
+
+
+def _redirect_stdout_handlers(stdout: Any, stderr: Any) -> None:
+    """Points logging handlers that write to ``stdout`` (MONAI's do) at ``stderr``."""
+    loggers = [logging.getLogger(), *[lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger)]]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is stdout:
+                h.setStream(stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ctsynth.atomic import atomic_write_json
 from ctsynth.drr import DRRProjector, display_image
 from ctsynth.geometry import ProjectionGeometry
 from ctsynth.io import save_nifti, save_projection_nifti
@@ -76,7 +77,7 @@ def foundation_demo(out: str | Path, n: int = 3, shape: Sequence[int] = (128, 12
             rows.append(compute_image_metrics(pred, vol, window=(-1000, 1000)))
         report["baselines"][name] = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "mae")}
         report["baselines"][name].update(window=[-1000, 1000], data_range=2000, mode="3d")
-    (root / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(report, root / "metrics.json")
     logger.info("foundation demo written to %s", root)
     return report
 
@@ -101,7 +102,7 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 40, sizes: Sequence[
     be downloaded here). Writes ``OUT/cascade_xray2ct/metrics.json`` with the evaluation summary and the
     checks of the issue (stage 1 vs the mean volume and back-projection baselines).
     """
-    from ctsynth.bundles import network_overrides, run_bundle
+    from ctsynth.bundles import checkpoint_settings, run_bundle
     from ctsynth.prepare import prepare_xray2ct
 
     root = Path(out) / "cascade_xray2ct"
@@ -136,9 +137,10 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 40, sizes: Sequence[
     case = datalist["test"][0]
     ckpt = str(root / "models" / "model.pt")
     rec = run_bundle("cascade_xray2ct", ["inference.json"], "inference", {
-        "checkpoint": ckpt, "xrays": [str(root / "data" / x) for x in case["xrays"]],
+        "xrays": [str(root / "data" / x) for x in case["xrays"]],
         "geometry": str(root / "data" / case["geometry"]), "output": str(root / "reconstruction" / f"{case['id']}.nii.gz"),
-        "ground_truth": str(root / "data" / case[f"image_{sizes[-1]}"]), "save_stages": True, **network_overrides(ckpt),
+        "ground_truth": str(root / "data" / case[f"image_{sizes[-1]}"]), "save_stages": True,
+        **checkpoint_settings("cascade_xray2ct", ckpt),
     })[0]
     timings["inference_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -157,7 +159,7 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 40, sizes: Sequence[
     summary = {"prepared": prep, "sizes": list(sizes), "stages": [list(s) for s in stages], "timings": timings,
                "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"],
                "reconstruction": rec, "metric_definition": "3D over the cube, data range = HU window width"}
-    (root / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(summary, root / "metrics.json")
     logger.info("cascade_xray2ct demo: stage 1 %.2f dB vs mean volume %.2f dB and back-projection %.2f dB "
                 "([-1000, 1000] HU, 3D) in %.0f s", s1["cascade"]["psnr"], s1["mean_volume"]["psnr"],
                 s1["backprojection"]["psnr"], timings["total_s"])
@@ -184,7 +186,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     per-case self-supervised refiner against linear and cubic interpolation and the autoencoder's ceiling;
     interpolate one test series with 2 samples (mean + uncertainty). Writes ``OUT/slice_interp_ldm/metrics.json``.
     """
-    from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, network_overrides, run_bundle
+    from ctsynth.bundles import checkpoint_settings, run_bundle
     from ctsynth.io import load_volume
     from ctsynth.prepare import load_datalist, prepare_phantom_pairs
     from ctsynth.slices import fit_paired_refiner, save_refiner
@@ -228,7 +230,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     ckpt = str(root / "models" / "model.pt")
     t = time.perf_counter()
     report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
-        **common, **ldm, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), "refiner_path": str(refiner_path),
+        **common, **ldm, **checkpoint_settings("slice_interp_ldm", ckpt), "refiner_path": str(refiner_path),
         "eval_methods": ["linear", "cubic", "vae_ceiling", "ldm", "refiner", "self_supervised", "cubic_consistent",
                          "ldm_consistent", "refiner_consistent", "self_supervised_consistent"],
         "self_supervised_steps": int(sched["self_supervised_steps"])})[0]
@@ -240,7 +242,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
         "models_dir": str(root / "models"), "autoencoder_args": SLICE_DEMO_AUTOENCODER, "input": case["thick"],
         "output": str(root / "inference" / "thin.nii.gz"), "spacing": spacing, "samples": 2,
         "preview": str(root / "inference" / "thin.png"), "sampler_window": 24, "codec_chunk": 96,
-        **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS)})[0]
+        **checkpoint_settings("slice_interp_ldm", ckpt)})[0]
     timings["inference_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -257,7 +259,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
                "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"], "inference": infer,
                "metric_definition": "3D over the thin grid, HU window and data range stated per row"}
-    (root / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(summary, root / "metrics.json")
     logger.info("slice_interp_ldm demo ([-1000, 1000] HU, 3D): cubic %.2f dB; ldm %+.2f (with thick consistency %+.2f, "
                 "cubic with it %+.2f), refiner %+.2f, self-supervised %+.2f, autoencoder ceiling %+.2f dB vs cubic, in "
                 "%.0f s", cubic, gains["ldm"], gains["ldm_consistent"], gains["cubic_consistent"], gains["refiner"],
@@ -290,8 +292,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     volumes (PSNR/SSIM, AUC real vs generated) and generate one CTPA from a PNG X-ray with ``ctsynth generate``.
     Writes ``OUT/xray2ctpa_vqgan/metrics.json``.
     """
-    from ctsynth.bundles import DIFFUSION_SCHEDULE_KEYS, bundle_module, network_overrides, run_bundle
-    from ctsynth.engine import read_checkpoint_meta
+    from ctsynth.bundles import bundle_module, checkpoint_settings, run_bundle
     from ctsynth.io import load_projection, load_volume
     from ctsynth.metrics import compute_image_metrics
     from ctsynth.prepare import load_datalist, prepare_ctpa, write_phantom_ctpa_studies
@@ -334,7 +335,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
 
     large, _ = thorax_phantom(tuple(large_shape), spacing, seed=seed + 5000, contrast=True, emboli=1.0)
     vqgan_path = root / "models" / "vqgan.pt"
-    net = bundle_module("xray2ctpa_vqgan", "vqgan").VQGAN3D(**read_checkpoint_meta(vqgan_path)["network_config"])
+    net = checkpoint_settings("xray2ctpa_vqgan", vqgan_path, role="vqgan")["network_def"]
     recon = bundle_module("xray2ctpa_vqgan", "evaluate").VQGANReconstructor(
         net, vqgan_path, roi_size=side, whole_max_voxels=int(torch.tensor(large_shape).prod()), norm_stats="volume")
     patch, whole, counts, codec = recon.reconstruct(large)
@@ -361,7 +362,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     t = time.perf_counter()
     ckpt = str(root / "models" / "ldm.pt")
     gen = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
-        **common, **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS), **CTPA_DEMO_CLASSIFIER,
+        **common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), **CTPA_DEMO_CLASSIFIER,
         "eval_steps": int(sched["steps"])})[0]["summary"]
     timings["evaluate_generation_s"] = time.perf_counter() - t
 
@@ -372,7 +373,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     infer = run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", {
         "models_dir": str(root / "models"), "input": str(png), "output": str(root / "inference" / "ctpa.nii.gz"),
         "preview": str(root / "inference" / "ctpa.png"), "steps": int(sched["steps"]),
-        **network_overrides(ckpt, DIFFUSION_SCHEDULE_KEYS)})[0]
+        **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm")})[0]
     infer["psnr_vs_paired_real"] = compute_image_metrics(load_volume(infer["written"]).as_tensor(),
                                                           load_volume(case["image"]).as_tensor(), window=(-1000, 1000))["psnr"]
     timings["inference_s"] = time.perf_counter() - t
@@ -391,7 +392,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     summary = {"prepared": prep, "shape": side, "spacing_mm": spacing, "timings": timings, "checks": checks,
                "vqgan": vq_eval, "large_phantom": large_report, "generation": gen, "inference": infer,
                "metric_definition": "3D, [-1000, 1000] HU, data range 2000"}
-    (root / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(summary, root / "metrics.json")
     logger.info("xray2ctpa_vqgan demo: VQ-GAN %.2f dB (patch-wise %+.2f dB), usage %.0f %%; generated CTPA %.2f dB, "
                 "AUC real %s / generated %s, in %.0f s", vq_eval["psnr_whole"], vq_eval["patchwise_minus_whole_db"],
                 vq_eval["codebook_usage_pct"], gen["psnr"], gen.get("auc_real"), gen.get("auc_generated"),

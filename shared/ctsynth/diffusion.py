@@ -1,9 +1,9 @@
 """What every latent diffusion model of ctsynth shares: the training target of each prediction type and the
 clean latents a denoiser's output implies (MONAI's DDPM/DDIM schedulers underneath).
 
-Both bundles with a diffusion stage (slice_interp_ldm, xray2ctpa_vqgan) train with :func:`diffusion_target`
-and decode :func:`predicted_original` for image-space losses; their checkpoints record the schedule so the
-sampler can be rebuilt (:data:`ctsynth.bundles.DIFFUSION_SCHEDULE_KEYS`).
+A diffusion training uses :func:`diffusion_target` and decodes :func:`predicted_original` for image-space losses;
+its checkpoint records the schedule so that the sampler can be rebuilt (the ``config_keys`` of the bundle's
+``configs/checkpoints.json``).
 """
 
 from __future__ import annotations

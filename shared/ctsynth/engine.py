@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import nn
 
+from ctsynth.atomic import atomic_write, atomic_write_json
 from ctsynth.metrics import compute_image_metrics
 from ctsynth.transforms import unscale_hu
 
@@ -44,26 +44,7 @@ logger = logging.getLogger(__name__)
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            from ctsynth.io import OutputWriteError, output_write_error
-
-            if not isinstance(e, OutputWriteError):
-                raise output_write_error(path, e) from None
-        raise
-    return path
+    return atomic_write(lambda tmp: torch.save(obj, tmp), path, ".tmp")
 
 
 def is_rank_zero() -> bool:
@@ -222,7 +203,11 @@ def _read_checkpoint(path: str | Path, missing_hint: str, map_location: str | to
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """The ``meta`` entry of a :class:`CheckpointManager` weights file (empty for a bare state dict)."""
     obj = _read_checkpoint(path, "; train the bundle first or pass --checkpoint")
-    return dict(obj.get("meta", {})) if isinstance(obj, dict) else {}
+    meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its meta is a {type(meta).__name__}, not a dict; use a checkpoint written by "
+                         "ctsynth's training")
+    return dict(meta)
 
 
 def load_network_weights(network: nn.Module, path: str | Path, strict: bool = True,
@@ -536,10 +521,7 @@ class TrainingHistory:
             return
         from ctsynth.plots import save_curves_png
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / ".history.json.tmp"
-        tmp.write_text(json.dumps({"epochs": self.rows}, indent=2))
-        os.replace(tmp, self.out_dir / "history.json")
+        atomic_write_json({"epochs": self.rows}, self.out_dir / "history.json")
         epochs = [r["epoch"] for r in self.rows]
         losses = {k: [r.get(k, float("nan")) for r in self.rows] for k in self.rows[-1] if k.startswith("loss")}
         save_curves_png(losses, self.out_dir / "curves.png", xlabel="epoch", ylabel="training loss", x=epochs, logy=True)

@@ -21,6 +21,7 @@ detector.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "volume_center", "volume_extent_mm",
+from ctsynth.atomic import atomic_write_json
+
+__all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "check_finite", "volume_center", "volume_extent_mm",
            "voxel_world_coordinates", "cube_affine", "backproject_features"]
 
 #: Named views and their gantry angle in degrees.
 NAMED_VIEWS: dict[str, float] = {"ap": 0.0, "lateral": 90.0, "pa": 180.0, "lateral-right": 270.0}
 #: Supported beam kinds.
 BEAM_KINDS = ("cone", "parallel")
+#: limits a geometry must keep (a detector of 8192 pixels a side, 1 um pixels, 100 m distances)
+MAX_DETECTOR_PIXELS, MIN_PIXEL_SPACING_MM, MAX_DISTANCE_MM = 8192, 1e-3, 1e5
 _REQUIRED_KEYS = ("kind", "angles_deg", "sid_mm", "sdd_mm", "detector_shape", "pixel_spacing_mm", "isocenter_mm")
 
 
@@ -78,7 +83,37 @@ def parse_views(views: str | int | float | Sequence[str | float]) -> list[float]
             angles.append(float(item))
     if not angles:
         raise ValueError("no views given: name at least one, e.g. 'ap,lateral'")
+    _check_angles(angles, "views")
     return angles
+
+
+def _check_angles(angles: Sequence[float], source: str) -> None:
+    """Refuses non-finite angles and views that repeat (equal modulo 360 degrees)."""
+    bad = [a for a in angles if not math.isfinite(float(a))]
+    if bad:
+        raise ValueError(f"{source}: view angle {bad[0]!r} is not a finite number of degrees; give names "
+                         f"({', '.join(NAMED_VIEWS)}) or angles such as 0,90")
+    seen: dict[float, int] = {}
+    for i, a in enumerate(angles):
+        key = round(float(a) % 360.0, 4)
+        if key in seen:
+            raise ValueError(f"{source}: views {seen[key] + 1} and {i + 1} are the same ({float(a):g} degrees); "
+                             "give each view once")
+        seen[key] = i
+
+
+def check_finite(name: str, values: Any, source: str, positive: bool = False, lo: float | None = None,
+            hi: float | None = None) -> None:
+    """Refuses NaN / Inf (and, with ``positive``, values <= 0; values outside ``[lo, hi]``) in ``values``.
+
+    Raises:
+        ValueError: naming ``source`` and the field ``name``.
+    """
+    for v in torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist():
+        if not math.isfinite(v) or (positive and v <= 0) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            want = "a finite number" + (" > 0" if positive else "") + (f" in [{lo:g}, {hi:g}]" if lo is not None else "")
+            raise ValueError(f"{source}: {name} is {v!r}, expected {want}; correct it (or re-create the geometry "
+                             "with `ctsynth drr` / ProjectionGeometry.save_json)")
 
 
 def volume_center(affine: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
@@ -160,28 +195,34 @@ class ProjectionGeometry(nn.Module):
         pixel_spacing_mm: float | Sequence[float] = 1.6,
         isocenter_mm: Sequence[float] | torch.Tensor = (0.0, 0.0, 0.0),
         kind: str = "cone",
+        source: str = "geometry",
     ) -> None:
         super().__init__()
         if kind not in BEAM_KINDS:
-            raise ValueError(f"kind must be one of {BEAM_KINDS}, got {kind!r}")
+            raise ValueError(f"{source}: kind must be one of {BEAM_KINDS}, got {kind!r}")
         angles = torch.as_tensor(angles_deg, dtype=torch.float32).reshape(-1)
         if angles.numel() == 0:
-            raise ValueError("a geometry needs at least one view angle")
-        if not (float(sid_mm) > 0 and float(sdd_mm) >= float(sid_mm)):
-            raise ValueError(
-                f"need 0 < sid_mm <= sdd_mm (source-isocentre <= source-detector), got sid={sid_mm}, sdd={sdd_mm}"
-            )
+            raise ValueError(f"{source}: a geometry needs at least one view angle")
+        _check_angles(angles.tolist(), source)
+        check_finite("sid_mm", sid_mm, source, lo=1.0, hi=MAX_DISTANCE_MM)
+        check_finite("sdd_mm", sdd_mm, source, lo=1.0, hi=MAX_DISTANCE_MM)
+        if float(sdd_mm) < float(sid_mm):
+            raise ValueError(f"{source}: need sid_mm <= sdd_mm (source-isocentre <= source-detector), got "
+                             f"sid={sid_mm}, sdd={sdd_mm}; correct the distances")
         shape = tuple(int(s) for s in detector_shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"detector_shape must be (rows, columns) >= 1, got {detector_shape}")
+        if len(shape) != 2 or min(shape) < 1 or max(shape) > MAX_DETECTOR_PIXELS:
+            raise ValueError(f"{source}: detector_shape must be (rows, columns) from 1 to {MAX_DETECTOR_PIXELS}, got "
+                             f"{list(detector_shape)}; pass a detector size such as --size 256")
         spacing = torch.as_tensor(pixel_spacing_mm, dtype=torch.float32).reshape(-1)
         if spacing.numel() == 1:
             spacing = spacing.repeat(2)
-        if spacing.numel() != 2 or bool((spacing <= 0).any()):
-            raise ValueError(f"pixel_spacing_mm must be one or two positive numbers (mm), got {pixel_spacing_mm}")
+        if spacing.numel() != 2:
+            raise ValueError(f"{source}: pixel_spacing_mm must be one or two numbers (mm), got {pixel_spacing_mm}")
+        check_finite("pixel_spacing_mm", spacing, source, lo=MIN_PIXEL_SPACING_MM, hi=100.0)
         iso = torch.as_tensor(isocenter_mm, dtype=torch.float32).reshape(-1)
         if iso.numel() != 3:
-            raise ValueError(f"isocenter_mm must have 3 values (RAS mm), got {iso.numel()}")
+            raise ValueError(f"{source}: isocenter_mm must have 3 values (RAS mm), got {iso.numel()}")
+        check_finite("isocenter_mm", iso, source)
         self.kind = kind
         self.detector_shape: tuple[int, int] = (shape[0], shape[1])
         self.register_buffer("angles_deg", angles)
@@ -328,22 +369,24 @@ class ProjectionGeometry(nn.Module):
                 f"{source}: geometry is missing fields {missing}; expected all of {list(_REQUIRED_KEYS)}. "
                 "Write one with `ctsynth drr` or ProjectionGeometry.save_json()."
             )
-        return cls(
-            angles_deg=data["angles_deg"],
-            sid_mm=data["sid_mm"],
-            sdd_mm=data["sdd_mm"],
-            detector_shape=data["detector_shape"],
-            pixel_spacing_mm=data["pixel_spacing_mm"],
-            isocenter_mm=data["isocenter_mm"],
-            kind=data["kind"],
-        )
+        try:
+            return cls(
+                angles_deg=data["angles_deg"],
+                sid_mm=data["sid_mm"],
+                sdd_mm=data["sdd_mm"],
+                detector_shape=data["detector_shape"],
+                pixel_spacing_mm=data["pixel_spacing_mm"],
+                isocenter_mm=data["isocenter_mm"],
+                kind=data["kind"],
+                source=source,
+            )
+        except (TypeError, RuntimeError) as e:  # a string or a nested list where a number belongs
+            raise ValueError(f"{source}: a geometry field holds a value of the wrong type ({e}); expected numbers as "
+                             "`ctsynth drr` writes them") from None
 
     def save_json(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Writes :meth:`to_dict` (plus ``extra`` entries, e.g. the reconstruction grid) as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
-        return path
+        return atomic_write_json({**self.to_dict(), **(extra or {})}, path)
 
     @classmethod
     def load_json(cls, path: str | Path) -> ProjectionGeometry:

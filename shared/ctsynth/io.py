@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from ctsynth.atomic import OutputWriteError, atomic_write, output_write_error
+
 __all__ = [
     "CT_IMAGE_STORAGE",
     "DicomSeriesInfo",
@@ -33,11 +36,15 @@ __all__ = [
     "OutputWriteError",
     "output_write_error",
     "safe_extract_zip",
+    "zip_limits",
     "find_dicom_series",
     "read_dicom_series",
     "load_volume",
     "save_nifti",
     "save_dicom_series",
+    "check_dicom_output",
+    "check_outputs",
+    "check_affine",
     "is_nifti",
     "save_projection_nifti",
     "load_projection",
@@ -49,24 +56,15 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NON_DICOM_SUFFIXES = {".txt", ".json", ".md", ".csv", ".xml", ".png", ".jpg", ".jpeg", ".pdf", ".nii", ".gz", ".zip",
                        ".html", ".log", ".ini", ".db"}
-_DEFAULT_ZIP_LIMIT = 16 * 2**30  # 16 GiB uncompressed
+#: zip limits: one entry's expansion; the whole archive's expansion (times its size) and that limit's floor
 _DEFAULT_ZIP_RATIO = 1000.0
+_DEFAULT_ZIP_TOTAL_RATIO, _ZIP_RELATIVE_FLOOR = 50.0, 256 * 2**20
+#: compression methods Python's zipfile reads: stored, deflate, bzip2, lzma
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
 class VolumeReadError(ValueError):
     """A volume could not be read; the message names the file and the fix."""
-
-
-class OutputWriteError(OSError):
-    """An output could not be written (disk full, no permission, ...); nothing partial was left behind."""
-
-
-def output_write_error(path: str | Path, error: OSError) -> OutputWriteError:
-    """The error to raise when writing ``path`` failed with ``error``: names the file, says that nothing was
-    left half-written (an existing file is unchanged) and what to do."""
-    reason = error.strerror or str(error)
-    return OutputWriteError(error.errno, f"{path}: could not be written ({reason}); nothing partial was left and any "
-                                         "previous file there is unchanged. Free disk space or write elsewhere (--out)")
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -75,27 +73,48 @@ def is_nifti(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- zip
+def zip_limits(archive: str | Path, dest: str | Path, max_total_bytes: int | None = None,
+               max_total_ratio: float | None = None) -> int:
+    """The most bytes :func:`safe_extract_zip` may write for ``archive`` into ``dest``: the smallest of
+    ``max_total_bytes`` (default ``$CTSYNTH_ZIP_MAX_GIB`` GiB, else 64 GiB), ``max_total_ratio`` times the
+    archive's size (default ``$CTSYNTH_ZIP_MAX_RATIO``, else 50; at least 256 MiB) and the free space at ``dest``
+    less 1 GiB."""
+    env_gib, env_ratio = os.environ.get("CTSYNTH_ZIP_MAX_GIB"), os.environ.get("CTSYNTH_ZIP_MAX_RATIO")
+    cap = int(max_total_bytes if max_total_bytes is not None else float(env_gib or 64) * 2**30)
+    ratio = float(max_total_ratio if max_total_ratio is not None else env_ratio or _DEFAULT_ZIP_TOTAL_RATIO)
+    relative = max(int(ratio * Path(archive).stat().st_size), _ZIP_RELATIVE_FLOOR)
+    probe = Path(dest)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free - 2**30
+    return max(0, min(cap, relative, free))
+
+
 def safe_extract_zip(
     archive: str | Path,
     dest: str | Path,
-    max_total_bytes: int = _DEFAULT_ZIP_LIMIT,
+    max_total_bytes: int | None = None,
     max_ratio: float = _DEFAULT_ZIP_RATIO,
+    max_total_ratio: float | None = None,
 ) -> list[Path]:
     """Extracts a zip archive without ever writing outside ``dest``.
 
-    Refuses, before writing anything, archives with absolute paths, ``..`` components, symbolic links,
-    more than ``max_total_bytes`` uncompressed, or a compression ratio above ``max_ratio`` (zip bombs).
+    Refuses, before writing anything, archives with absolute paths, ``..`` components, symbolic links, entries
+    that expand more than ``max_ratio`` times (zip bombs), and archives whose total uncompressed size exceeds
+    :func:`zip_limits` (an absolute cap, a multiple of the archive's size, the free space). Encrypted entries,
+    unsupported compression methods (e.g. Deflate64) and corrupt data (bad CRC) are refused with the archive's
+    and the entry's name; a failed extraction removes what it wrote.
 
     Returns:
         The extracted regular files.
 
     Raises:
-        VolumeReadError: naming the archive and the offending entry.
+        VolumeReadError: naming the archive, the offending entry and the fix.
     """
     archive, dest = Path(archive), Path(dest)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError) as e:
         raise VolumeReadError(f"{archive}: not a readable zip archive ({e}); re-create it with `zip -r`") from None
     with zf:
         infos = zf.infolist()
@@ -109,7 +128,15 @@ def safe_extract_zip(
                     "re-create the archive with relative paths"
                 )
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise VolumeReadError(f"{archive}: refusing symbolic link entry {name!r}")
+                raise VolumeReadError(f"{archive}: refusing symbolic link entry {name!r}; re-create the archive "
+                                      "without links")
+            if info.flag_bits & 0x1:
+                raise VolumeReadError(f"{archive}: entry {name!r} is encrypted; extract it yourself with the password "
+                                      "and pass the folder")
+            if info.compress_type not in _ZIP_METHODS:
+                raise VolumeReadError(f"{archive}: entry {name!r} uses compression method {info.compress_type} "
+                                      "(e.g. Deflate64), which Python cannot read; re-create the archive with plain "
+                                      "deflate (`zip -r`), or extract it yourself and pass the folder")
             total += info.file_size
             if info.compress_size > 0 and info.file_size / info.compress_size > max_ratio and info.file_size > 2**20:
                 raise VolumeReadError(
@@ -117,27 +144,59 @@ def safe_extract_zip(
                     f"(limit {max_ratio:.0f}x); this looks like a zip bomb. If you trust the file, extract it yourself "
                     "and pass the folder"
                 )
-        if total > max_total_bytes:
+        limit = zip_limits(archive, dest, max_total_bytes, max_total_ratio)
+        if total > limit:
             raise VolumeReadError(
-                f"{archive}: {total / 2**30:.2f} GiB uncompressed exceeds the limit of {max_total_bytes / 2**30:.2f} GiB; "
-                "raise max_total_bytes if the archive is trusted"
+                f"{archive}: {total / 2**30:.2f} GiB uncompressed exceeds the limit of {limit / 2**30:.2f} GiB (the "
+                "smallest of CTSYNTH_ZIP_MAX_GIB, CTSYNTH_ZIP_MAX_RATIO times the archive's size, and the free space); "
+                "free space, raise those limits if the archive is trusted, or extract it yourself and pass the folder"
             )
         files = [i for i in infos if not i.is_dir()]
         if not files:
             raise VolumeReadError(f"{archive}: the zip archive is empty; expected DICOM files of one or more series: "
                                   "re-export the study, or pass the DICOM folder instead")
-        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VolumeReadError(f"{archive}: cannot extract into {dest} ({e.strerror or e}); free space or set "
+                                  "TMPDIR to a writable folder") from None
         root = dest.resolve()
         out: list[Path] = []
-        for info in files:
-            target = (dest / info.filename).resolve()
-            if root not in target.parents:
-                raise VolumeReadError(f"{archive}: entry {info.filename!r} resolves outside the target")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            out.append(target)
+        target = root
+        try:
+            for info in files:
+                target = (dest / info.filename).resolve()
+                if root not in target.parents:
+                    raise VolumeReadError(f"{archive}: entry {info.filename!r} resolves outside the target")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        written += len(block)
+                        if written > info.file_size:  # the header lied about the size
+                            raise VolumeReadError(f"{archive}: entry {info.filename!r} expands beyond the size it "
+                                                  "declares; the archive is corrupt or hostile: re-create it")
+                        dst.write(block)
+                out.append(target)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+            _remove([*out, target])
+            raise VolumeReadError(f"{archive}: entry {info.filename!r} cannot be read ({e}); the archive is damaged: "
+                                  "re-create it, or drop the study") from None
+        except OSError as e:
+            _remove([*out, target])
+            raise VolumeReadError(f"{archive}: extracting {info.filename!r} into {dest} failed ({e.strerror or e}); "
+                                  "free space or set TMPDIR to a writable folder") from None
+        except BaseException:
+            _remove([*out, target])
+            raise
     return out
+
+
+def _remove(files: Sequence[Path]) -> None:
+    """Deletes the files a failed extraction wrote (folders are left: the caller's temporary folder holds them)."""
+    for f in files:
+        if f.is_file():
+            f.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- DICOM
@@ -259,7 +318,7 @@ def read_dicom_series(
     if len(files) < 2:
         raise VolumeReadError(f"{where}: a series needs at least 2 slices, found {len(files)}")
 
-    slices = []
+    slices, warnings = [], []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
@@ -270,17 +329,14 @@ def read_dicom_series(
             ) from None
         if pixels.ndim != 2:
             raise VolumeReadError(f"{f}: multi-frame DICOM ({pixels.shape}) is not supported; export single-frame slices")
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if tag not in ds:
-                raise VolumeReadError(f"{f}: missing {tag}; cannot place the slice in space")
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        ipp, iop, spacing = _slice_geometry(ds, f)
+        slope, intercept = _rescale(ds, f, pixels, warnings)
         slices.append(
             {
                 "file": f,
-                "ipp": np.asarray(ds.ImagePositionPatient, dtype=np.float64),
-                "iop": np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
-                "spacing": np.asarray(ds.PixelSpacing, dtype=np.float64),
+                "ipp": ipp,
+                "iop": iop,
+                "spacing": spacing,
                 "shape": pixels.shape,
                 "hu": pixels.astype(np.float32) * slope + intercept,
                 "ds": ds,
@@ -356,8 +412,85 @@ def read_dicom_series(
         "convolution_kernel": str(getattr(first, "ConvolutionKernel", "") or ""),
         "slice_thickness_tag": float(first.SliceThickness) if getattr(first, "SliceThickness", None) else None,
         "slice_spacing_mm": float(step),
+        "warnings": sorted(set(warnings)),
     }
     return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(_LPS_TO_RAS @ lps), meta=meta)
+
+
+def _numbers(ds: Any, tag: str, n: int, f: Path) -> np.ndarray:
+    """Tag ``tag`` of ``ds`` as ``n`` finite numbers, or a VolumeReadError naming the file and the tag."""
+    if tag not in ds or ds.data_element(tag).value in (None, ""):
+        raise VolumeReadError(f"{f}: missing {tag}; cannot place the slice in space. Re-export the series with its "
+                              "geometry tags")
+    raw = ds.data_element(tag).value
+    values = list(raw) if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__") and not isinstance(raw, str) else [raw]
+    try:
+        arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise VolumeReadError(f"{f}: {tag} {values!r} is not numeric; correct the tag or re-export the series") from None
+    if arr.size != n:
+        raise VolumeReadError(f"{f}: {tag} has {arr.size} values, expected {n}; correct the tag or re-export the series")
+    if not np.isfinite(arr).all():
+        raise VolumeReadError(f"{f}: {tag} holds NaN/Inf ({arr.tolist()}); correct the tag or re-export the series")
+    return arr
+
+
+def _slice_geometry(ds: Any, f: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of a slice, each checked: finite, the
+    orientation two unit vectors at right angles, the spacing positive."""
+    ipp = _numbers(ds, "ImagePositionPatient", 3, f)
+    iop = _numbers(ds, "ImageOrientationPatient", 6, f)
+    spacing = _numbers(ds, "PixelSpacing", 2, f)
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+        raise VolumeReadError(f"{f}: ImageOrientationPatient {iop.tolist()} is not two unit vectors at right angles; "
+                              "correct the tag or re-export the series")
+    if (spacing <= 0).any():
+        raise VolumeReadError(f"{f}: PixelSpacing {spacing.tolist()} must be positive (mm); correct the tag or re-export "
+                              "the series")
+    return ipp, iop, spacing
+
+
+def _rescale(ds: Any, f: Path, pixels: np.ndarray, warnings: list[str]) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a slice; a CT slice without them is read as stored, with a warning
+    (once a series) that says whether the values look like HU."""
+    missing = [t for t in ("RescaleSlope", "RescaleIntercept") if t not in ds or ds.data_element(t).value in (None, "")]
+    if missing and str(getattr(ds, "Modality", "CT")).upper() == "CT":
+        looks_raw = pixels.size and float(pixels.min()) >= 0
+        warnings.append(f"{f.parent}: CT slices lack {' and '.join(missing)}; values were read as stored"
+                        + (" and are all >= 0, so they are probably not HU (stored values usually need an intercept "
+                           "of -1024): check the output or add the tags" if looks_raw else " (taken as HU)"))
+        logger.warning(warnings[-1])
+    slope = float(ds.RescaleSlope) if "RescaleSlope" not in missing else 1.0
+    intercept = float(ds.RescaleIntercept) if "RescaleIntercept" not in missing else 0.0
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise VolumeReadError(f"{f}: RescaleSlope {slope} / RescaleIntercept {intercept} must be finite and the slope "
+                              "non-zero; correct the tags")
+    return slope, intercept
+
+
+def check_affine(affine: Any, source: str | Path, orthogonal: bool = False) -> np.ndarray:
+    """``affine`` as a (4, 4) float64 array after checking it places voxels in space: finite, every voxel
+    spacing > 0 (and, with ``orthogonal``, the axes at right angles, as DICOM's orientation vectors must be).
+
+    Raises:
+        VolumeReadError: naming ``source`` and the fix.
+    """
+    aff = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
+        raise VolumeReadError(f"{source}: its affine is not a finite 4x4 matrix; fix the file's header (qform/sform)")
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    if (spacing < 1e-6).any():
+        raise VolumeReadError(f"{source}: voxel spacing {spacing.round(6).tolist()} mm has a zero axis; fix the "
+                              "file's header (pixdim / sform) so that every spacing is positive")
+    if orthogonal:
+        axes = aff[:3, :3] / spacing
+        off = np.abs(axes.T @ axes - np.eye(3)).max()
+        if off > 1e-3:
+            raise VolumeReadError(f"{source}: its voxel axes are sheared (not at right angles), which a DICOM series "
+                                  "cannot represent; resample it onto an orthogonal grid first (e.g. with ITK or "
+                                  "`monai.transforms.Spacing`), or write NIfTI instead")
+    return aff
 
 
 # ---------------------------------------------------------------------------------------------- NIfTI / dispatch
@@ -378,8 +511,23 @@ def _read_nifti(path: Path) -> MetaTensor:
         raise VolumeReadError(
             f"{path}: {int(bad.sum())} NaN/Inf voxels; fix the file (e.g. replace them with -1000 HU) before using it"
         )
-    return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(img.affine.astype(np.float64)),
+    _check_nifti_pixdim(path, img)
+    affine = check_affine(img.affine, path)
+    return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(affine),
                       meta={"filename_or_obj": str(path)})
+
+
+def _check_nifti_pixdim(path: Path, img: Any) -> None:
+    """Refuses a NIfTI whose voxel spacing comes from ``pixdim`` (no sform) with a zero or non-finite entry:
+    nibabel would silently read such a spacing as 1 mm."""
+    if int(img.header["sform_code"]) > 0:
+        return  # the sform places the voxels; check_affine checks it
+    with nib.openers.ImageOpener(str(path)) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not np.isfinite(pixdim).all() or (pixdim == 0).any():
+        raise VolumeReadError(f"{path}: voxel spacing (pixdim) {pixdim.tolist()} mm has a zero or non-finite axis; fix "
+                              "the file's header so that every spacing is positive")
 
 
 def load_volume(
@@ -438,27 +586,55 @@ def save_nifti(volume: torch.Tensor | np.ndarray, path: str | Path, affine: Any 
         raise ValueError(f"{path}: NIfTI outputs end in .nii or .nii.gz")
     arr = _as_3d(volume)
     aff = _affine_of(volume, affine)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(arr, aff)
     img.header.set_xyzt_units("mm", "sec")
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
-            raise output_write_error(path, e) from None
-        raise
-    return path
+    # compressed by the name, in any case (OUT.NII.GZ too): nibabel goes by the lower-case temporary name
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    return atomic_write(lambda tmp: nib.save(img, str(tmp)), path, suffix)
 
 
 _PATIENT_STUDY_TAGS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight",
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription", "ReferringPhysicianName",
 )
+
+
+def check_outputs(nifti: Sequence[str | Path | None] = (), dicom: str | Path | None = None,
+                  files: Sequence[str | Path | None] = ()) -> None:
+    """Checks, before any work, that every output of a command can be written, so that a run never replaces one
+    output and then fails on the next: ``nifti`` paths end in ``.nii`` / ``.nii.gz`` (any case), ``dicom`` is a new
+    or empty folder, and no output (``files``: reports, previews) is an existing folder or lies below a file.
+    ``None`` entries are skipped.
+
+    Raises:
+        ValueError / FileExistsError: naming the output and the fix.
+    """
+    for path in [p for p in nifti if p is not None]:
+        if not is_nifti(path):
+            raise ValueError(f"{path}: NIfTI outputs end in .nii or .nii.gz; name the output e.g. out.nii.gz")
+    for path in [Path(p) for p in [*nifti, *files] if p is not None]:
+        if path.is_dir():
+            raise FileExistsError(f"{path}: is a folder; give a file name for this output")
+        blocking = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+        if blocking is not None:
+            raise FileExistsError(f"{path}: cannot be written because {blocking} is a file, not a folder; choose "
+                                  "another output path")
+    if dicom is not None:
+        check_dicom_output(dicom)
+
+
+def check_dicom_output(out_dir: str | Path) -> Path:
+    """``out_dir`` after checking a DICOM series can be written there: a new or empty folder, not a file.
+
+    Raises:
+        FileExistsError: naming the folder and the fix.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: is a file, not a folder; choose a new folder for the DICOM series")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: output folder is not empty; choose a new folder (nothing was written)")
+    return out_dir
 
 
 def save_dicom_series(
@@ -493,10 +669,9 @@ def save_dicom_series(
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     arr = _as_3d(volume)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _affine_of(volume, affine)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: output folder is not empty; choose a new folder")
+    source = getattr(volume, "meta", {}).get("filename_or_obj") or out_dir
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ check_affine(_affine_of(volume, affine), source, orthogonal=True)
+    out_dir = check_dicom_output(out_dir)
     ref_ds = None
     if reference is not None:
         ref = Path(reference)

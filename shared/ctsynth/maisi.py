@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctsynth.meta_schema import check_plain_value
 from ctsynth.transforms import pad_to_multiple, scale_hu, unscale_hu
 
 __all__ = ["MAISI_AUTOENCODER_ARGS", "MAISI_WINDOW", "MAISI_DOWNSAMPLE", "build_maisi_autoencoder",
@@ -94,7 +95,8 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
             "the bundle's train_autoencoder.json"
         )
     state, meta = load_state_dict_and_meta(path)  # unwraps state_dict / model / network containers
-    overrides = {**(meta.get("network_config") or {}), **dict(args or {}), **overrides}
+    recorded = check_plain_value(meta.get("network_config") or {}, str(path), "network_config", -8192, 8192)
+    overrides = {**recorded, **dict(args or {}), **overrides}
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     net = build_maisi_autoencoder(**overrides)
     expected = net.state_dict()

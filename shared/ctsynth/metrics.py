@@ -8,7 +8,6 @@ body ``mask`` restricted it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,33 @@ from typing import Any
 import torch
 from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 
-__all__ = ["METRIC_MODES", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
+from ctsynth.atomic import atomic_write_json, atomic_write_text
+
+__all__ = ["METRIC_MODES", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
            "write_metrics_report"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 PSNR_CAP_DB = 100.0
+
+
+def same_grid(a: Any, b: Any, tol_mm: float = 1e-3, explain: bool = False) -> bool | str:
+    """Whether volumes ``a`` and ``b`` (``(1, X, Y, Z)`` MetaTensors) sample the same points in space: equal
+    shapes and affines within ``tol_mm`` (for every voxel corner). With ``explain``, the difference in words
+    (empty when there is none)."""
+    shape_a, shape_b = tuple(a.shape[1:]), tuple(b.shape[1:])
+    why = ""
+    if shape_a != shape_b:
+        why = f"shapes {shape_a} and {shape_b}"
+    else:
+        aff_a = torch.as_tensor(a.affine, dtype=torch.float64)
+        aff_b = torch.as_tensor(b.affine, dtype=torch.float64)
+        corners = torch.tensor([[i, j, k, 1.0] for i in (0, shape_a[0] - 1) for j in (0, shape_a[1] - 1)
+                                for k in (0, shape_a[2] - 1)], dtype=torch.float64).T
+        gap = float(((aff_a - aff_b) @ corners)[:3].norm(dim=0).max())
+        if gap > tol_mm:
+            why = f"the same voxel lies up to {gap:.3g} mm apart (affines differ in position or orientation)"
+    return why if explain else not why
 
 
 def ssim_window(spatial_shape: Sequence[int], win_size: int = 11) -> int:
@@ -203,8 +223,8 @@ def write_metrics_report(out_dir: str | Path, report: Mapping[str, Any]) -> Path
     (floats to 4 significant digits); returns the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(report, out / "metrics.json")
     lines = ["| measure | value |", "|---|---|"] + [
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.get("summary", {}).items()]
-    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text("\n".join(lines) + "\n", out / "metrics.md")
     return out / "metrics.json"

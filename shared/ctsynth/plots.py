@@ -8,18 +8,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctsynth.atomic import atomic_write
+
 __all__ = ["save_image_png", "save_triplanar_png", "save_reformat_png", "save_curves_png", "triplanar_grid"]
 
 
 def _save_figure(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(lambda tmp: fig.savefig(tmp, dpi=90, format=Path(path).suffix.lstrip(".") or "png"), path)
+    finally:
+        plt.close(fig)
+
+
+def _pil_format(path: str | Path) -> str:
+    """PIL's format name for ``path``'s suffix (PNG when it has none)."""
+    from PIL import Image
+
+    Image.init()
+    return Image.EXTENSION.get(Path(path).suffix.lower(), "PNG")
 
 
 def _np3d(vol) -> np.ndarray:
@@ -42,10 +51,7 @@ def save_image_png(image, path: str | Path, vmin: float | None = None, vmax: flo
     lo = float(a.min()) if vmin is None else vmin
     hi = float(a.max()) if vmax is None else vmax
     u8 = (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255).round().astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(u8).save(path)
-    return path
+    return atomic_write(lambda tmp: Image.fromarray(u8).save(tmp, format=_pil_format(path)), path)
 
 
 def save_triplanar_png(

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from ctsynth.atomic import atomic_write_json, atomic_write_text
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, volume_center, volume_extent_mm,
                               voxel_world_coordinates)
-from ctsynth.io import (VolumeReadError, is_nifti, load_projection, load_volume, save_nifti,
+from ctsynth.io import (VolumeReadError, check_outputs, is_nifti, load_projection, load_volume, save_nifti,
                         save_projection_nifti)
 
 __all__ = ["deterministic_split", "resample_to_cube", "remove_table", "expand_inputs", "prepare_xray2ct", "load_datalist",
@@ -138,10 +139,10 @@ def _finish_dataset(out: Path, entries: list[dict[str, Any]], skipped: list[dict
     datalist: dict[str, Any] = {k: [e for e in entries if split[e["id"]] == k] for k in SPLITS}
     datalist["meta"] = {"fractions": list(fractions), "split_seed": seed, **meta}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    atomic_write_json(datalist, out / "datalist.json")
     report = {"prepared": len(entries), "skipped": skipped, "splits": {k: len(datalist[k]) for k in SPLITS},
               **(report_extra or {})}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(report, out / "report.json")
     return datalist, report
 
 
@@ -161,6 +162,7 @@ def prepare_xray2ct(ct: str | Sequence[str], out: str | Path, views: int | str =
     ``ctsynth reconstruct`` uses to place its output. ``table_removal`` blanks everything outside the body.
     """
     out = Path(out)
+    check_outputs(files=[out / "datalist.json"])  # an output path that is a file stops here, before any work
     sizes = sorted(int(s) for s in sizes)
     angles = parse_views(views if not isinstance(views, str) or not views.isdigit() else int(views))
     paths = expand_inputs(ct)
@@ -420,6 +422,7 @@ def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (
     from ctsynth.phantoms import slab_average, thorax_phantom
 
     out = Path(out)
+    check_outputs(files=[out / "datalist.json"])  # an output path that is a file stops here, before any work
     entries = []
     for i in tqdm(range(int(n)), desc="phantom pairs", unit="case"):
         contrast = i % 2 == 1
@@ -568,10 +571,11 @@ def write_phantom_ctpa_studies(out: str | Path, n: int = 8, shape: Sequence[int]
     from ctsynth.phantoms import thorax_phantom
 
     out = Path(out)
+    check_outputs(files=[out / "datalist.json"])  # an output path that is a file stops here, before any work
     rows = ["id,label"]
     for i in range(int(n)):
         vol, info = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 3000 + i, contrast=True, emboli=emboli)
         save_nifti(vol, out / "studies" / f"ctpa_{i:03d}.nii.gz")
         rows.append(f"ctpa_{i:03d},{int(bool(info.emboli))}")
-    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    atomic_write_text("\n".join(rows) + "\n", out / "labels.csv")
     return out

@@ -27,6 +27,7 @@ from monai.data import MetaTensor
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctsynth.meta_schema import MetaField
 from ctsynth.phantoms import slab_average
 from ctsynth.transforms import scale_hu, unscale_hu
 
@@ -62,6 +63,10 @@ def resample_axis(data: torch.Tensor, axis: int, positions: torch.Tensor, mode: 
     return out.movedim(-1, axis)
 
 
+#: the finest slice spacing and the most slices an output grid may have
+MIN_SLICE_SPACING_MM, MAX_SLICES = 0.05, 8192
+
+
 def slice_positions(volume: MetaTensor, spacing_mm: float | None = None, factor: float | None = None,
                     count: int | None = None, offset_mm: float = 0.0, axis: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Fractional input indices along ``axis`` of a new slice grid, and that grid's affine.
@@ -78,11 +83,15 @@ def slice_positions(volume: MetaTensor, spacing_mm: float | None = None, factor:
     aff = torch.as_tensor(getattr(volume, "affine", torch.eye(4)), dtype=torch.float64)
     step_in = float(aff[:3, axis].norm())
     step_out = float(spacing_mm) if spacing_mm is not None else step_in / float(factor)
-    if step_out <= 0:
-        raise ValueError(f"target spacing must be > 0 mm, got {step_out}")
+    if not math.isfinite(step_out) or step_out < MIN_SLICE_SPACING_MM:
+        raise ValueError(f"target spacing must be at least {MIN_SLICE_SPACING_MM} mm, got {step_out:g}; pass a "
+                         "spacing in mm such as --spacing 1")
     n = volume.shape[1 + axis]
     if count is None:
         count = int(math.floor(((n - 1) * step_in - offset_mm) / step_out + 1e-6)) + 1
+    if count > MAX_SLICES:
+        raise ValueError(f"the requested grid needs {int(count)} slices at {step_out:g} mm (at most {MAX_SLICES}); "
+                         "choose a larger --spacing")
     if count < 1:
         raise ValueError(f"no slice of the requested grid (offset {offset_mm} mm, spacing {step_out} mm) lies inside "
                          f"the input's {(n - 1) * step_in:.1f} mm span")
@@ -411,6 +420,16 @@ def save_refiner(model: SliceRefiner, path: str | Path, meta: dict | None = None
                               "norm": model.norm, **(meta or {})}}, path)
 
 
+#: what a refiner file's meta may hold (:func:`ctsynth.meta_schema.validate_meta`)
+REFINER_META = {
+    "features": MetaField("ints", min=1, max=512, max_len=16),
+    "window": MetaField("floats", min=-4096, max=65535, len=2),
+    "context_rows": MetaField("int", min=0, max=64),
+    "norm": MetaField("str", choices=SliceRefiner.NORMS),
+    "flips": MetaField("bool"),
+}
+
+
 def load_refiner(path: str | Path) -> SliceRefiner:
     """Reads a refiner written by :func:`save_refiner`.
 
@@ -418,13 +437,15 @@ def load_refiner(path: str | Path) -> SliceRefiner:
         FileNotFoundError / ValueError: naming the file.
     """
     from ctsynth.engine import load_network_weights, read_checkpoint_meta
+    from ctsynth.meta_schema import validate_meta
 
-    meta = read_checkpoint_meta(path)
-    if "features" not in meta:
+    raw = read_checkpoint_meta(path)
+    if "features" not in raw:
         raise ValueError(f"{path}: not a slice refiner (no 'features' in its meta); train one with "
                          "`ctsynth interpolate ... --method self-supervised --save-model PATH`")
-    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), int(meta.get("context_rows", 0)),
-                         meta.get("norm", "instance"), bool(meta.get("flips", False)))
+    meta = validate_meta(raw, REFINER_META, path)
+    model = SliceRefiner(meta["features"], meta.get("window", (-1024.0, 3071.0)), meta.get("context_rows", 0),
+                         meta.get("norm", "instance"), meta.get("flips", False))
     load_network_weights(model, path)
     return model.eval()
 

@@ -8,7 +8,6 @@ SSIM and MAE (HU) on each HU window. Writes ``metrics.json`` (per case and mean 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctsynth.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ctsynth.drr import backprojection_reconstruction
 from ctsynth.engine import load_network_weights
 from ctsynth.io import load_volume
@@ -109,8 +109,8 @@ class CascadeEvaluation:
                   "note": "data_range = window width; predictions clipped to the window",
                   "summary": summary, "per_case": rows}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-        (self.output_dir / "metrics.md").write_text(self.markdown(summary))
+        atomic_write_json(report, self.output_dir / "metrics.json")
+        atomic_write_text(self.markdown(summary), self.output_dir / "metrics.md")
         self._plot(summary, sizes)
         if preview:
             save_triplanar_png(preview, self.output_dir / "preview.png", title=f"{cases[0].get('id', 'case 0')}",
@@ -163,5 +163,5 @@ class CascadeEvaluation:
             ax.set_title(f"HU window [{w[0]:g}, {w[1]:g}]")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(self.output_dir / "metrics.png", dpi=100)
+        atomic_write(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), self.output_dir / "metrics.png")
         plt.close(fig)

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctsynth.atomic import atomic_write_json
 from ctsynth.drr import DRRProjector
 from ctsynth.engine import load_network_weights
-from ctsynth.geometry import ProjectionGeometry, cube_affine
-from ctsynth.io import VolumeReadError, load_volume, save_nifti
+from ctsynth.geometry import ProjectionGeometry, check_finite, cube_affine
+from ctsynth.io import check_outputs, load_volume, save_nifti
 from ctsynth.metrics import compute_image_metrics, psnr
 from ctsynth.plots import save_triplanar_png
 from ctsynth.prepare import resample_to_cube
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: the margin ``ctsynth prepare`` leaves around the field of view on the detector
 DETECTOR_MARGIN = 1.15
+#: the largest field of view (mm) a reconstruction cube may span
+MAX_FOV_MM = 2000.0
 
 
 def reconstruction_grid(geometry_path: str | Path, fov_mm: float | None = None) -> tuple[float, torch.Tensor, str]:
@@ -42,9 +45,12 @@ def reconstruction_grid(geometry_path: str | Path, fov_mm: float | None = None) 
     rec = data.get("reconstruction") or {}
     geom = ProjectionGeometry.from_dict(data, source=str(geometry_path))
     center = torch.as_tensor(rec.get("center_mm", data["isocenter_mm"]), dtype=torch.float64)
+    check_finite("reconstruction.center_mm", center, str(geometry_path))
     if fov_mm is not None:
+        check_finite("--fov_mm", fov_mm, "the command line", lo=1.0, hi=MAX_FOV_MM)
         return float(fov_mm), center, "given"
     if "fov_mm" in rec:
+        check_finite("reconstruction.fov_mm", rec["fov_mm"], str(geometry_path), lo=1.0, hi=MAX_FOV_MM)
         return float(rec["fov_mm"]), center, "geometry file"
     rows, cols = geom.detector_shape
     side = min(rows * float(geom.pixel_spacing_mm[0]), cols * float(geom.pixel_spacing_mm[1]))
@@ -105,24 +111,27 @@ class CascadeReconstructor:
             The report also written to ``<output>.json``.
         """
         xrays = [xrays] if isinstance(xrays, (str, Path)) else list(xrays)
+        out_path = Path(output)
+        stem = str(out_path)[: -len("".join(out_path.suffixes))] if out_path.suffixes else str(out_path)
+        sizes = self.network.sizes[: self.num_stages]
+        stage_paths = [f"{stem}_stage{k + 1}.nii.gz" for k in range(len(sizes) - 1)] if save_stages else []
+        check_outputs([output, *stage_paths], files=[stem + ".json", stem + ".png" if preview else None])
         geom = check_views(xrays, geometry)
         raw = load_radiographs(xrays, expected_shape=geom.detector_shape)
         images = normalize_radiograph(raw)
         fov, center, how = reconstruction_grid(geometry, fov_mm)
-        sizes = self.network.sizes[: self.num_stages]
+        gt = load_volume(ground_truth) if ground_truth is not None else None  # a bad file stops before any write
         aff0 = cube_affine(sizes[0], fov, center)
         with torch.no_grad():
             outs = self.network(images[None].to(self.device), [geom.to(self.device)], aff0.to(self.device),
                                 up_to_stage=self.num_stages - 1)
-        out_path = Path(output)
-        stem = str(out_path)[: -len("".join(out_path.suffixes))] if out_path.suffixes else str(out_path)
         volumes = []
         for k, s in enumerate(sizes):
             aff = rescale_affine(aff0, (sizes[0],) * 3, (s,) * 3)
             hu = unscale_hu(outs[k][0].float().cpu(), self.intensity_range)
             volumes.append((hu, aff))
             if save_stages and k < len(sizes) - 1:
-                save_nifti(hu, f"{stem}_stage{k + 1}.nii.gz", affine=aff.numpy())
+                save_nifti(hu, stage_paths[k], affine=aff.numpy())
         pred, aff = volumes[-1]
         save_nifti(pred, out_path, affine=aff.numpy())
         report: dict[str, Any] = {"output": str(out_path), "checkpoint": self.checkpoint, "stages": self.num_stages,
@@ -136,11 +145,7 @@ class CascadeReconstructor:
         report["reprojection_psnr_db"] = [float(v) for v in per_view]
         report["reprojection_note"] = "PSNR between percentile-normalised input radiographs and DRRs of the prediction"
         volumes_png = {"prediction": pred[0]}
-        if ground_truth is not None:
-            try:
-                gt = load_volume(ground_truth)
-            except VolumeReadError:
-                raise
+        if gt is not None:
             gt_cube = resample_to_cube(gt, sizes[-1], fov, center) if (
                 tuple(gt.shape[1:]) != (sizes[-1],) * 3 or not torch.allclose(torch.as_tensor(gt.affine, dtype=torch.float64), aff, atol=1e-3)
             ) else gt
@@ -153,7 +158,7 @@ class CascadeReconstructor:
             save_triplanar_png(volumes_png, stem + ".png", title=out_path.name, inputs=inputs,
                                error_of=("prediction", "ground truth") if ground_truth else None)
             report["preview"] = stem + ".png"
-        Path(stem + ".json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(report, stem + ".json")
         logger.info("reconstruction written to %s (re-projection PSNR %s dB)", out_path,
                     ", ".join(f"{v:.1f}" for v in report["reprojection_psnr_db"]))
         return report

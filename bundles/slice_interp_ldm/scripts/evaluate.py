@@ -18,7 +18,6 @@ Writes ``metrics.json`` (per case and mean), ``metrics.md`` and, per case, a cor
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from ctsynth.atomic import atomic_write_json, atomic_write_text
 from ctsynth.io import load_volume
 from ctsynth.maisi import ct_to_unit, unit_to_ct
 from ctsynth.metrics import compute_image_metrics
@@ -153,10 +153,10 @@ class SliceInterpEvaluation:
                   "definitions": {"psnr": "dB, data range = window width", "mae": "HU", "3d": "one value per volume",
                                   "per-slice": "2D metrics averaged over axial slices"}}
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(report, self.out / "metrics.json")
         lines = ["| method | window (HU) | mode | PSNR (dB) | SSIM | MAE (HU) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | [{r['window'][0]:g}, {r['window'][1]:g}] | {r['mode']} | {r['psnr']:.2f} | "
                   f"{r['ssim']:.4f} | {r['mae']:.1f} |" for r in summary]
-        (self.out / "metrics.md").write_text("\n".join(lines) + "\n")
+        atomic_write_text("\n".join(lines) + "\n", self.out / "metrics.md")
         logger.info("evaluation of %d %s cases written to %s", len(cases), self.split, self.out)
         return report

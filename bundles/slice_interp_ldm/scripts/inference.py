@@ -9,7 +9,6 @@ K > 1, the per-voxel standard deviation (an uncertainty map, HU).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
+from ctsynth.atomic import atomic_write_json
 from ctsynth.engine import load_network_weights, read_checkpoint_meta
-from ctsynth.io import load_volume, save_dicom_series, save_nifti
+from ctsynth.io import check_outputs, load_volume, save_dicom_series, save_nifti
 from ctsynth.maisi import LatentCodec, load_maisi_autoencoder, unit_to_ct
 from ctsynth.prepare import slice_spacing_mm
 from ctsynth.slices import slice_positions, thick_consistency
@@ -114,6 +114,9 @@ class SliceInterpolator:
             series_uid: str | None = None) -> dict[str, Any]:
         """Reads ``input``, writes the thin NIfTI (and the std map, a DICOM series, a preview); returns a report."""
         t0 = time.perf_counter()
+        std_path = uncertainty or str(Path(output).with_name(Path(output).name.replace(".nii", "_std.nii")))
+        report_path = Path(output).with_suffix("").with_suffix(".json")
+        check_outputs([output, std_path if int(samples) > 1 else None], dicom_out, [preview, report_path])
         thick = load_volume(input, series_uid=series_uid)
         mean, std = self(thick, float(spacing), int(samples), seed=seed)
         report: dict[str, Any] = {"input": str(input), "input_slices": int(thick.shape[3]),
@@ -121,8 +124,7 @@ class SliceInterpolator:
                                   "slices": int(mean.shape[3]), "spacing_mm": float(spacing), "samples": int(samples),
                                   "conditioning": self.meta["conditioning"], "consistency": self.consistency}
         if std is not None:
-            path = uncertainty or str(Path(output).with_name(Path(output).name.replace(".nii", "_std.nii")))
-            report["uncertainty"] = str(save_nifti(std, path))
+            report["uncertainty"] = str(save_nifti(std, std_path))
             report["mean_std_hu"] = float(std.mean())
         if dicom_out:
             ref = input if Path(input).is_dir() else None
@@ -133,6 +135,5 @@ class SliceInterpolator:
 
             report["preview"] = str(save_triplanar_png({"thin (ldm)": mean}, preview, title=Path(input).name))
         report["seconds"] = time.perf_counter() - t0
-        if output:
-            Path(output).with_suffix("").with_suffix(".json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(report, report_path)
         return report

@@ -12,6 +12,7 @@ model. Sampling (:class:`GuidedSampler`): DDIM with classifier-free guidance,
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctsynth.diffusion import diffusion_target
+from ctsynth.meta_schema import validate_checkpoint_meta
 from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
 from ctsynth.transforms import pad_to_multiple
 
@@ -41,11 +43,9 @@ def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
     from ctsynth.losses import load_state_dict_and_meta
 
     state, meta = load_state_dict_and_meta(path)  # one read: the settings build the network the weights fill
-    config = meta.get("network_config")
-    if not config:
-        raise ValueError(f"{path}: no network_config in its meta; it is not a VQ-GAN checkpoint written by "
-                         "bundles/xray2ctpa_vqgan/configs/train.json (train stage 1 first)")
-    net = VQGAN3D(**config)
+    rules = json.loads((Path(__file__).resolve().parents[1] / "configs" / "checkpoints.json").read_text())["vqgan"]
+    checked, network = validate_checkpoint_meta(meta, rules, path, {"scripts.vqgan.VQGAN3D": VQGAN3D})
+    net = VQGAN3D(**network.args)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -54,7 +54,7 @@ def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
     net = net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    net.intensity_range = meta.get("intensity_range", [-1000.0, 1000.0])
+    net.intensity_range = checked.get("intensity_range", [-1000.0, 1000.0])
     return net
 
 

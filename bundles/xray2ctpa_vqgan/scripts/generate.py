@@ -8,7 +8,6 @@ deviation when K > 1) on the training grid (shape and voxel size recorded in the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Resize
 from torch import nn
 
+from ctsynth.atomic import atomic_write_json
 from ctsynth.engine import load_network_weights
-from ctsynth.io import save_dicom_series, save_nifti
+from ctsynth.io import check_outputs, save_dicom_series, save_nifti
 from ctsynth.transforms import LoadRadiographs, NormalizeRadiograph, unscale_hu
 
 from .diffusion import GuidedSampler, decode_latents, load_vqgan
@@ -116,6 +116,9 @@ class CTPAGenerator:
         """Reads ``input``, writes the CTPA NIfTI (and the std map when ``samples`` > 1, a DICOM series, a tri-planar
         PNG); returns a report (also written beside ``output`` as JSON)."""
         t0 = time.perf_counter()
+        std_path = str(output).replace(".nii", "_std.nii")
+        report_path = Path(output).with_suffix("").with_suffix(".json")
+        check_outputs([output, std_path if int(samples) > 1 else None], dicom_out, [preview, report_path])
         if steps is not None:
             self.sampler.num_inference_steps = int(steps)
         if guidance is not None:
@@ -128,7 +131,7 @@ class CTPAGenerator:
             "spacing_mm": [float(s) for s in self.meta["spacing_mm"]], "steps": self.sampler.num_inference_steps,
             "guidance": self.sampler.guidance, "samples": int(samples), "seed": int(seed)}
         if std is not None:
-            report["uncertainty"] = str(save_nifti(std, str(output).replace(".nii", "_std.nii")))
+            report["uncertainty"] = str(save_nifti(std, std_path))
             report["mean_std_hu"] = float(std.mean())
         if dicom_out:
             report["dicom_files"] = len(save_dicom_series(mean, dicom_out, series_description="ctsynth X-ray to CTPA"))
@@ -137,6 +140,6 @@ class CTPAGenerator:
 
             report["preview"] = str(save_triplanar_png({"generated CTPA": mean}, preview, title=Path(input).name))
         report["seconds"] = time.perf_counter() - t0
-        Path(output).with_suffix("").with_suffix(".json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(report, report_path)
         logger.info("generated %s from %s in %.1f s", output, input, report["seconds"])
         return report

@@ -7,13 +7,13 @@ DICOM series folder whose patient and study tags the output copies (``None`` for
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ctsynth.atomic import atomic_write_json
 from ctsynth.deploy import require_sdk
 
 require_sdk()
@@ -117,13 +117,15 @@ class SliceInterpolationOperator(Operator):
                         "slices": int(result.shape[3])}, "report")
 
     def _ldm(self, volume: Any) -> Any:
-        from ctsynth.bundles import run_bundle, slice_ldm_overrides
+        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
 
+        models = self.models_path or Path(bundle_root("slice_interp_ldm")) / "models"
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             src, out = Path(tmp) / "thick.nii.gz", Path(tmp) / "thin.nii.gz"
             save_nifti(volume, src)
             overrides = {"input": str(src), "output": str(out), "spacing": self.spacing_mm, "seed": self.seed,
-                         "inference_steps": self.inference_steps, **slice_ldm_overrides(models_dir=self.models_path)}
+                         "inference_steps": self.inference_steps, "autoencoder_path": str(models / "autoencoder.pt"),
+                         **checkpoint_settings("slice_interp_ldm", models / "model.pt")}
             run_bundle("slice_interp_ldm", ["inference.json"], "inference", overrides, device=self.device)
             return load_volume(out)
 
@@ -172,13 +174,14 @@ class CascadeReconstructionOperator(Operator):
         spec.output("report")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctsynth.bundles import cascade_overrides, run_bundle
+        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
 
         study = op_input.receive("study")
+        models = self.models_path or Path(bundle_root("cascade_xray2ct")) / "models"
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             out = Path(tmp) / "ct.nii.gz"
             overrides = {"xrays": study["xrays"], "geometry": study["geometry"], "output": str(out), "preview": False,
-                         **cascade_overrides(models_dir=self.models_path)}
+                         **checkpoint_settings("cascade_xray2ct", models / "model.pt")}
             report = run_bundle("cascade_xray2ct", ["inference.json"], "inference", overrides, device=self.device)[0]
             volume = load_volume(out)
         op_output.emit(volume, "volume")
@@ -213,5 +216,5 @@ class CTWriterOperator(Operator):
         report.update({**self.extra, "nifti": str(nifti), "dicom_dir": str(self.output_path / "dicom"),
                        "dicom_files": len(files), "shape": list(volume.shape[1:]),
                        "reference": reference})
-        (self.output_path / f"{self.stem}.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(report, self.output_path / f"{self.stem}.json")
         logger.info("wrote %s and %d DICOM files", nifti, len(files))
