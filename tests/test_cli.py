@@ -146,6 +146,11 @@ def test_cli_bench_diffusion_small(bundle, channels, guided, capsys):
     assert res["train_step_s"]["median_s"] > 0 and res["sample_step_s"]["median_s"] > 0
     assert res["guided_sample_step"] is guided
     refused(capsys, ["bench", "diffusion", "--bundle", "cascade_xray2ct"], "bundle must be one of")
+    main(["bench", "diffusion", "--bundle", bundle, "--small", "--latent-shape", "8", "8", "8", "--batch", "1",
+          "--repeats", "1", "--latent-channels", "16", "--xray-size", "32", "--phases", "sample"])
+    res = _json_out(capsys)  # inference's step alone: the process peak is inference's
+    assert res["phases"] == ["sample"] and "train_step_s" not in res and res["sample_step_s"]["median_s"] > 0
+    refused(capsys, ["bench", "diffusion", "--phases", "infer"], "phases must be train and/or sample")
 
 
 @pytest.mark.parametrize("argv, kind, key, value", [

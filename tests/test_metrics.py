@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -90,3 +91,48 @@ def test_nan_and_shape_errors():
         compute_image_metrics(torch.zeros(8, 8, 8), torch.zeros(8, 8, 9))
     with pytest.raises(ValueError, match=">= 3"):
         ssim_window((2, 10, 10))
+
+
+def _tissue_phantom():
+    """A (20, 20, 10) volume: lung at -900 HU with 25 % emphysema at -980 HU, soft tissue 40 HU, bone 800 HU."""
+    t = torch.full((20, 20, 10), 40.0, dtype=torch.float64)
+    t[:10] = -900.0
+    t[:10, :5] = -980.0  # a quarter of the lung below -950 HU
+    t[15:] = 800.0
+    return t
+
+
+@pytest.mark.parametrize("shift, expected", [
+    ({"lung": 20.0}, {"lung_shift_hu": 20.0, "soft_tissue_shift_hu": 0.0, "bone_shift_hu": 0.0,
+                      "laa950_pct": 25.0, "laa950_diff_pct": 0.0}),  # emphysema at -980 + 20 = -960: still below
+    ({"lung": 40.0}, {"lung_shift_hu": 40.0, "laa950_pct": 0.0, "laa950_diff_pct": -25.0}),
+    ({"lung": -60.0}, {"lung_shift_hu": -60.0, "laa950_pct": 100.0, "laa950_diff_pct": 75.0}),
+    ({"soft_tissue": 5.0, "bone": -100.0}, {"lung_shift_hu": 0.0, "soft_tissue_shift_hu": 5.0, "bone_shift_hu": -100.0,
+                                            "laa950_pct": 25.0, "laa950_diff_pct": 0.0}),
+])
+def test_hu_fidelity_recovers_a_known_shift(shift, expected):
+    from ctsynth.metrics import HU_REGIONS, hu_fidelity
+
+    t = _tissue_phantom()
+    p = t.clone()
+    for region, hu in shift.items():
+        lo, hi = HU_REGIONS[region]
+        p[(t >= lo) & (t < hi)] += hu
+    r = hu_fidelity(p[None], t[None])
+    for k, v in expected.items():
+        assert r[k] == pytest.approx(v), k
+    assert r["laa950_target_pct"] == pytest.approx(25.0)
+    assert r["lung_voxels"] == 2000 and r["soft_tissue_voxels"] == 1000 and r["bone_voxels"] == 1000
+    assert r["regions"]["lung"] == [None, -500.0] and json.dumps(r)  # plain JSON (no Infinity)
+
+
+def test_hu_fidelity_empty_region_and_summary():
+    from ctsynth.metrics import hu_fidelity, summarise_hu_fidelity
+
+    t = torch.full((4, 4, 4), 40.0)
+    r = hu_fidelity(t + 3, t)
+    assert r["lung_shift_hu"] is None and r["laa950_pct"] is None and r["soft_tissue_shift_hu"] == pytest.approx(3.0)
+    s = summarise_hu_fidelity([r, hu_fidelity(t - 1, t)])
+    assert s["soft_tissue_shift_hu"] == pytest.approx(1.0) and s["lung_shift_hu"] is None
+    with pytest.raises(ValueError, match="differ in size"):
+        hu_fidelity(t, t[:2])

@@ -95,6 +95,26 @@ def test_sampler_covers_any_depth_in_windows():
         Denoiser(4, spatial_dims=2)
 
 
+def test_default_denoiser_attends_in_linear_memory():
+    """inference.json's denoiser runs every attention block through PyTorch's scaled-dot-product attention (memory
+    linear in the tokens: the declared 128x128x16 window fits, see ``ctsynth bench diffusion --phases sample``) and
+    computes what the quadratic path computes with the same weights; at a small shape, the same code path."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    args = {k: v for k, v in ConfigParser.load_config_file(CONFIGS / "inference.json")["network_def"].items()
+            if k != "_target_"}
+    small = {**args, "channels": [16, 32, 32, 32], "num_head_channels": 8, "norm_num_groups": 8}
+    torch.manual_seed(0)
+    net = Denoiser(**small).eval()
+    blocks = [m for m in net.modules() if isinstance(m, SABlock)]
+    assert blocks and all(b.use_flash_attention for b in blocks) and net.config["use_flash_attention"] is True
+    quadratic = Denoiser(**small, use_flash_attention=False).eval()
+    quadratic.load_state_dict(net.state_dict())
+    x, t = torch.randn(1, 8, 16, 16, 8), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(net(x, t), quadratic(x, t), atol=1e-4)
+
+
 def test_inference_matches_training_and_seed_network():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     infer = ConfigParser.load_config_file(CONFIGS / "inference.json")
@@ -161,6 +181,10 @@ def test_evaluation_compares_every_method(trained):
     for f in ("metrics.json", "metrics.md"):
         assert (root / "eval" / f).stat().st_size > 100
     assert all(Path(c["reformat_png"]).stat().st_size > 1000 for c in report["cases"])
+    hu = {r["method"]: r for r in report["hu_fidelity"]}  # HU bias by tissue and LAA-950 beside PSNR, every method
+    assert set(hu) == set(methods)
+    assert all(isinstance(hu[m]["soft_tissue_shift_hu"], float) and "laa950_diff_pct" in hu[m] for m in methods)
+    assert "LAA-950" in (root / "eval" / "metrics.md").read_text()
     with pytest.raises(ValueError, match="unknown evaluation methods"):
         run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {**over, "eval_methods": ["sinc"]})
 

@@ -357,11 +357,14 @@ DIFFUSION_BENCHES = {"slice_interp_ldm": ("train.json", "sampling", "Denoiser"),
 
 def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int] = (64, 64, 32), batch: int = 2,
                     repeats: int = 3, device: str = "cpu", amp: bool = False, network: dict[str, Any] | None = None,
-                    latent_channels: int = 64, xray_size: int = 256, guidance: bool = True) -> dict[str, Any]:
+                    latent_channels: int = 64, xray_size: int = 256, guidance: bool = True,
+                    phases: Sequence[str] = ("train", "sample")) -> dict[str, Any]:
     """A bundle's denoiser (the ``network_def`` of its training config, ``network`` overriding arguments):
     training-step time (noisy latents -> MSE, AdamW) and one sampling step (the xray2ctpa_vqgan step runs the
     conditional and unconditional halves of classifier-free guidance together when ``guidance``), with peak
-    memory. ``latent_channels`` applies to xray2ctpa_vqgan, whose latent width comes from its VQ-GAN."""
+    memory. ``latent_channels`` applies to xray2ctpa_vqgan, whose latent width comes from its VQ-GAN.
+    ``phases`` chooses the steps timed; on the CPU the peak is the process's, so ``("sample",)`` alone gives
+    inference's peak."""
     from ctsynth.bundles import bundle_module, bundle_root
     from ctsynth.engine import amp_settings
 
@@ -408,11 +411,15 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled):
             forward(inp, torch.full((inp.shape[0],), 500, device=device), inp.shape[0])
 
+    unknown = set(phases) - {"train", "sample"}
+    if unknown or not phases:
+        raise ValueError(f"phases must be train and/or sample, got {list(phases)}")
     _reset_peak_memory(device)
+    steps = {"train": train_step, "sample": sample_step}
+    timed = {f"{ph}_step_s": time_call(steps[ph], repeats=repeats, warmup=1, device=device) for ph in phases}
     return {"benchmark": "diffusion", "bundle": bundle, "network": args, "latent_shape": list(shape),
             "parameters": sum(p.numel() for p in net.parameters()), "amp": enabled, "amp_dtype": str(dtype),
-            "machine": machine_info(device), "train_step_s": time_call(train_step, repeats=repeats, warmup=1, device=device),
-            "sample_step_s": time_call(sample_step, repeats=repeats, warmup=1, device=device),
+            "machine": machine_info(device), **timed, "phases": list(phases),
             "guided_sample_step": doubled, "peak_memory_mb": _peak_memory_mb(device)}
 
 

@@ -151,9 +151,11 @@ class Bench:
 
     def diffusion(self, bundle: str = "slice_interp_ldm", latent_shape: Any = (64, 64, 32), batch: Any = 2,
                   repeats: int = 3, device: str = "cpu", amp: bool = False, small: bool = False, latent_channels: int = 64,
-                  xray_size: int = 256, out: str | None = None, plot: str | None = None) -> None:
+                  xray_size: int = 256, phases: str = "train,sample", out: str | None = None,
+                  plot: str | None = None) -> None:
         """A bundle's denoiser (``--bundle slice_interp_ldm`` or ``xray2ctpa_vqgan``): training-step and sampling-step
-        time and peak memory at ``--latent-shape``; ``--small`` uses the demo's widths."""
+        time and peak memory at ``--latent-shape``; ``--small`` uses the demo's widths; ``--phases sample`` times
+        the sampling step alone (the peak memory is then inference's)."""
         from ctsynth.bench import bench_diffusion, write_json
 
         network = None
@@ -164,7 +166,7 @@ class Bench:
             network = _network_args(demo)
         b = _one_int(batch)
         res = bench_diffusion(bundle, _tuple(latent_shape, 3, "latent-shape"), b, repeats, device, amp, network,
-                              latent_channels, xray_size)
+                              latent_channels, xray_size, phases=[p.strip() for p in str(phases).split(",") if p.strip()])
         _emit_text(write_json(res, out, plot))
 
 
@@ -453,14 +455,15 @@ class CLI:
 
     def metrics(self, pred: str, target: str, window: Any = (-1000.0, 1000.0), mode: str = "3d",
                 mask: str | None = None, resample: bool = False) -> None:
-        """PSNR / SSIM / MAE (HU) between two CT volumes on a window; prints JSON.
+        """PSNR / SSIM / MAE (HU) between two CT volumes on a window, and the HU bias by tissue with the LAA-950
+        difference (``hu_fidelity``, by TARGET's HU, unclipped); prints JSON.
 
         Both must lie on the same voxel grid in space (shape and affine: an x-flipped copy or one 300 mm away is
         refused); ``--resample`` resamples PRED (linear) onto TARGET's grid instead. ``--mask`` (non-zero voxels,
         on TARGET's grid) must select at least one voxel.
         """
         from ctsynth.io import load_volume
-        from ctsynth.metrics import compute_image_metrics, same_grid
+        from ctsynth.metrics import compute_image_metrics, hu_fidelity, same_grid
 
         p, t = load_volume(pred), load_volume(target)
         if resample and not same_grid(p, t):
@@ -479,7 +482,9 @@ class CLI:
             m = mv > 0
             if not bool(m.any()):
                 raise ValueError(f"mask {mask} selects no voxel (all zero); pass a mask with the region to score")
-        _emit(compute_image_metrics(p, t, window=_tuple(window, 2, "window"), mode=mode, mask=m))
+        result = compute_image_metrics(p, t, window=_tuple(window, 2, "window"), mode=mode, mask=m)
+        pv, tv = (p.as_tensor(), t.as_tensor()) if m is None else (p.as_tensor()[m], t.as_tensor()[m])
+        _emit({**result, "hu_fidelity": hu_fidelity(pv, tv)})
 
     def convert(self, input: str, output: str, series_uid: str | None = None, series_description: str | None = None,
                 resample: bool = False, reference: str | None = None) -> None:

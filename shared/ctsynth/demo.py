@@ -257,7 +257,8 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     checks.update({f"{m}_psnr_db": pick(m)["psnr"] for m in ("cubic", "ldm", "refiner")})
     checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in models})
     summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
-               "checks": checks, "evaluation": report["summary"], "test_cases": report["cases"], "inference": infer,
+               "checks": checks, "evaluation": report["summary"], "hu_fidelity": report["hu_fidelity"],
+               "test_cases": report["cases"], "inference": infer,
                "metric_definition": "3D over the thin grid, HU window and data range stated per row"}
     atomic_write_json(summary, root / "metrics.json")
     logger.info("slice_interp_ldm demo ([-1000, 1000] HU, 3D): cubic %.2f dB; ldm %+.2f (with thick consistency %+.2f, "

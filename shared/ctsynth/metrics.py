@@ -8,6 +8,7 @@ body ``mask`` restricted it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,72 @@ from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 
-__all__ = ["METRIC_MODES", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
+__all__ = ["METRIC_MODES", "HU_REGIONS", "hu_fidelity", "summarise_hu_fidelity", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
            "write_metrics_report"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 PSNR_CAP_DB = 100.0
+
+
+#: tissue classes of :func:`hu_fidelity`, by the ground truth's HU: [low, high)
+HU_REGIONS: dict[str, tuple[float, float]] = {"lung": (-math.inf, -500.0), "soft_tissue": (-200.0, 300.0),
+                                              "bone": (300.0, math.inf)}
+
+
+def hu_fidelity(pred_hu: torch.Tensor, target_hu: torch.Tensor, regions: Mapping[str, Sequence[float]] = HU_REGIONS,
+                laa_threshold_hu: float = -950.0, lung: str = "lung") -> dict[str, Any]:
+    """HU bias of a prediction by tissue, and the emphysema index it implies, against the ground truth.
+
+    Regions are set by the ground truth's HU (``regions``: name -> [low, high)). For each: the mean signed
+    difference ``mean(pred - target)`` (HU). LAA-950 (low-attenuation area) is the percentage of the ``lung``
+    region's voxels below ``laa_threshold_hu``, in the prediction and in the ground truth, and their
+    difference (percentage points). PSNR can improve while these biases stay: report them side by side.
+
+    Args:
+        pred_hu, target_hu: volumes of one shape in HU (any leading channel/batch dimensions).
+
+    Returns:
+        ``{"<region>_shift_hu": float or None (empty region), "<region>_voxels": int, "laa950_pct",
+        "laa950_target_pct", "laa950_diff_pct", "regions": {name: [low, high]} (None: unbounded), "laa_threshold_hu"}``.
+
+    Example:
+        >>> t = torch.tensor([-960.0, -900.0, 40.0, 700.0])
+        >>> hu_fidelity(t + 20, t)["lung_shift_hu"], hu_fidelity(t + 20, t)["laa950_diff_pct"]
+        (20.0, -50.0)
+    """
+    p = torch.as_tensor(pred_hu).double().reshape(-1)
+    t = torch.as_tensor(target_hu).double().reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and target differ in size: {p.numel()} vs {t.numel()} voxels")
+    out: dict[str, Any] = {}
+    for name, (lo, hi) in regions.items():
+        sel = (t >= lo) & (t < hi)
+        n = int(sel.sum())
+        out[f"{name}_shift_hu"] = float((p[sel] - t[sel]).mean()) if n else None
+        out[f"{name}_voxels"] = n
+    lo, hi = regions[lung]
+    in_lung = (t >= lo) & (t < hi)
+    if bool(in_lung.any()):
+        laa_p = 100.0 * float((p[in_lung] < laa_threshold_hu).double().mean())
+        laa_t = 100.0 * float((t[in_lung] < laa_threshold_hu).double().mean())
+        out.update(laa950_pct=laa_p, laa950_target_pct=laa_t, laa950_diff_pct=laa_p - laa_t)
+    else:
+        out.update(laa950_pct=None, laa950_target_pct=None, laa950_diff_pct=None)
+    out["regions"] = {k: [float(v) if math.isfinite(v) else None for v in b] for k, b in regions.items()}
+    out["laa_threshold_hu"] = float(laa_threshold_hu)
+    return out
+
+
+def summarise_hu_fidelity(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The mean over cases of each ``*_shift_hu`` and LAA-950 entry of :func:`hu_fidelity` results (cases where a
+    region is empty are left out of its mean; ``None`` when all are)."""
+    keys = [k for k in rows[0] if k.endswith(("_shift_hu", "_pct"))] if rows else []
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def same_grid(a: Any, b: Any, tol_mm: float = 1e-3, explain: bool = False) -> bool | str:

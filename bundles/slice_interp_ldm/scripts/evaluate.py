@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 from ctsynth.io import load_volume
 from ctsynth.maisi import ct_to_unit, unit_to_ct
-from ctsynth.metrics import compute_image_metrics
+from ctsynth.metrics import compute_image_metrics, hu_fidelity, summarise_hu_fidelity
 from ctsynth.plots import save_reformat_png
 from ctsynth.prepare import load_datalist, slice_spacing_mm
 from ctsynth.slices import (fit_self_supervised_refiner, interpolate_slices, load_refiner, refine_volume,
@@ -125,7 +125,8 @@ class SliceInterpEvaluation:
                 seconds[m] += time.perf_counter() - t
                 if tuple(preds[m].shape) != tuple(thin.shape):
                     raise RuntimeError(f"{m} produced {tuple(preds[m].shape)} for a {tuple(thin.shape)} thin series")
-            row: dict[str, Any] = {"id": e.get("id"), "category": e.get("category"), "metrics": []}
+            row: dict[str, Any] = {"id": e.get("id"), "category": e.get("category"), "metrics": [],
+                                   "hu_fidelity": {m: hu_fidelity(p, thin) for m, p in preds.items()}}
             for m, p in preds.items():
                 for w in self.windows:
                     for mode in METRIC_MODES:
@@ -148,15 +149,27 @@ class SliceInterpEvaluation:
                             and r["mode"] == mode]
                     summary.append({"method": m, "window": w, "mode": mode, "data_range": w[1] - w[0],
                                     **{k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "mae")}})
-        report = {"split": self.split, "cases": cases, "summary": summary, "samples": self.samples,
+        hu = [{"method": m, **summarise_hu_fidelity([c["hu_fidelity"][m] for c in cases])} for m in self.methods]
+        report = {"split": self.split, "cases": cases, "summary": summary, "hu_fidelity": hu, "samples": self.samples,
                   "seconds_per_case": {m: s / max(len(cases), 1) for m, s in seconds.items()},
                   "definitions": {"psnr": "dB, data range = window width", "mae": "HU", "3d": "one value per volume",
-                                  "per-slice": "2D metrics averaged over axial slices"}}
+                                  "per-slice": "2D metrics averaged over axial slices",
+                                  "hu_fidelity": "mean(pred - truth) HU within the truth's lung (< -500 HU), soft "
+                                                 "tissue [-200, 300) and bone (>= 300); LAA-950: % of lung voxels "
+                                                 "below -950 HU, prediction minus truth (percentage points)"}}
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(report, self.out / "metrics.json")
         lines = ["| method | window (HU) | mode | PSNR (dB) | SSIM | MAE (HU) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | [{r['window'][0]:g}, {r['window'][1]:g}] | {r['mode']} | {r['psnr']:.2f} | "
                   f"{r['ssim']:.4f} | {r['mae']:.1f} |" for r in summary]
+        lines += ["", "| method | lung shift (HU) | soft tissue shift (HU) | bone shift (HU) | LAA-950 pred - truth (pp) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {_num(r['lung_shift_hu'])} | {_num(r['soft_tissue_shift_hu'])} | "
+                  f"{_num(r['bone_shift_hu'])} | {_num(r['laa950_diff_pct'], 2)} |" for r in hu]
         atomic_write_text("\n".join(lines) + "\n", self.out / "metrics.md")
         logger.info("evaluation of %d %s cases written to %s", len(cases), self.split, self.out)
         return report
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"

@@ -33,6 +33,8 @@ class Denoiser(DiffusionModelUNet):
 
     Args:
         latent_channels: channels of the autoencoder's latents.
+        use_flash_attention: attention through ``torch.nn.functional.scaled_dot_product_attention``, whose memory
+            grows with the number of tokens rather than with its square (the same weights either way).
         unet_args: ``DiffusionModelUNet`` arguments (``channels``, ``attention_levels``, ``num_res_blocks``,
             ``num_head_channels``, ``norm_num_groups``, ...).
 
@@ -40,12 +42,13 @@ class Denoiser(DiffusionModelUNet):
         forward(x (B, 2C, x, y, z), timesteps (B,)) -> (B, C, x, y, z).
     """
 
-    def __init__(self, latent_channels: int = 4, **unet_args: Any) -> None:
+    def __init__(self, latent_channels: int = 4, use_flash_attention: bool = True, **unet_args: Any) -> None:
         for k in ("spatial_dims", "in_channels", "out_channels"):
             if k in unet_args:
                 raise ValueError(f"{k} is fixed by latent_channels ({latent_channels}); do not set it")
-        super().__init__(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels, **unet_args)
-        self.config = {"latent_channels": latent_channels, **unet_args}
+        super().__init__(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
+                         use_flash_attention=use_flash_attention, **unet_args)
+        self.config = {"latent_channels": latent_channels, "use_flash_attention": use_flash_attention, **unet_args}
         self.multiple = 2 ** (len(unet_args.get("channels", (32, 64, 64, 64))) - 1)
 
 
