@@ -198,7 +198,7 @@ def test_cli_interpolates_with_samples_and_uncertainty(trained, tmp_path, capsys
           "--inference-steps", "2", "--dicom-out", str(tmp_path / "dicom")])
     report = json.loads(capsys.readouterr().out)
     thick = load_volume(case["thick"])
-    expected = (thick.shape[3] - 1) * 10 + 1  # 20 mm slices -> 2 mm, over the thick series' span
+    expected = thick.shape[3] * 10  # 20 mm slices -> 2 mm, over the slabs' whole extent
     vol, std = load_volume(out), load_volume(report["uncertainty"])
     assert vol.shape[1:] == (32, 32, expected) and std.shape == vol.shape and float(std.min()) >= 0
     assert float(std.mean()) > 0  # two samples differ
@@ -241,7 +241,7 @@ def test_monai_label_contract_serves_what_the_cli_writes(trained, tmp_path):
     pred, expected, _ = served_and_written("slice_interp_ldm", root / "models", case["thick"], tmp_path, settings,
                                            {"checkpoint": str(ckpt),
                                             "autoencoder_path": str(root / "models" / "autoencoder.pt")})
-    assert pred.shape == expected.shape and pred.shape[3] == (load_volume(case["thick"]).shape[3] - 1) * 10 + 1
+    assert pred.shape == expected.shape and pred.shape[3] == load_volume(case["thick"]).shape[3] * 10
     assert torch.allclose(pred.as_tensor(), expected.as_tensor(), atol=1e-2)
     assert torch.allclose(torch.as_tensor(pred.affine).double(), torch.as_tensor(expected.affine).double(), atol=1e-4)
 

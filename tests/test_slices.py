@@ -2,6 +2,7 @@
 
 import json
 
+import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -9,7 +10,7 @@ from monai.data import MetaTensor
 from conftest import refused
 
 from ctsynth.cli import main
-from ctsynth.io import load_volume, save_nifti
+from ctsynth.io import load_volume, save_dicom_series, save_nifti
 from ctsynth.metrics import compute_image_metrics
 from ctsynth.phantoms import grid_affine, slab_average, thorax_phantom
 from ctsynth.slices import (SliceRefiner, degrade_along, fit_paired_refiner, fit_refiner, fit_self_supervised_refiner,
@@ -134,7 +135,9 @@ def test_cli_interpolate(tmp_path, capsys):
           "--dicom_out", str(tmp_path / "dcm")])
     rep = json.loads(capsys.readouterr().out)
     thin = load_volume(tmp_path / "thin.nii.gz")
-    assert rep["slices"] == thin.shape[3] == 46 and rep["dicom_files"] == 46
+    step = float(torch.as_tensor(thick.affine)[:3, 2].norm())
+    n = round(thick.shape[3] * step / 4)  # the slabs' whole extent, edge to edge
+    assert rep["slices"] == thin.shape[3] == n and rep["dicom_files"] == n
     dcm = load_volume(tmp_path / "dcm")
     assert torch.allclose(torch.as_tensor(dcm.affine), torch.as_tensor(thin.affine), atol=1e-3)
     refused(capsys, ["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "x.nii.gz"), "--method", "refiner"], "needs --model")
@@ -142,7 +145,8 @@ def test_cli_interpolate(tmp_path, capsys):
     main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "ss.nii.gz"), "--method",
           "self-supervised", "--steps", "5", "--save_model", str(tmp_path / "ss.pt"), "--spacing", "2"])
     rep = json.loads(capsys.readouterr().out)
-    assert rep["method"] == "self-supervised" and rep["slices"] == 91 and (tmp_path / "ss.pt").is_file()
+    assert rep["method"] == "self-supervised" and rep["slices"] == round(thick.shape[3] * step / 2)
+    assert (tmp_path / "ss.pt").is_file()
     main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "tc.nii.gz"), "--spacing", "4",
           "--consistency"])
     assert json.loads(capsys.readouterr().out)["consistency"] is True
@@ -275,3 +279,47 @@ def test_thick_consistency_keeps_the_truth_and_restores_the_measured_band():
         thick_consistency(MetaTensor(thin.as_tensor()[:, :16], affine=thin.affine), thick)
     with pytest.raises(ValueError, match="not finer than"):
         thick_consistency(thick, thick)
+
+
+@pytest.mark.parametrize("n, thick_mm, thin_mm, count, first_mm", [
+    (26, 12.5, 2.5, 130, -5.0),      # 5x slabs: back to the 130 slices they were averaged from
+    (10, 5.0, 1.0, 50, -2.0),
+    (4, 3.0, 2.0, 6, -0.5),     # 12 mm of slabs hold 6 slices of 2 mm
+    (5, 5.0, 1.5, 16, -1.25),   # 25 mm hold 16 slices of 1.5 mm (24 mm), centred: 0.5 mm to spare at each end
+])
+def test_thin_grid_covers_the_slabs_edge_to_edge(n, thick_mm, thin_mm, count, first_mm, tmp_path):
+    from ctsynth.slices import interpolate_study, slab_extent_grid
+
+    aff = grid_affine((8, 8, n), (1.0, 1.0, thick_mm))
+    thick = MetaTensor(torch.randn(1, 8, 8, n) * 100, affine=aff)
+    assert slab_extent_grid(thick, thin_mm) == (count, pytest.approx(first_mm))
+    thin = interpolate_study(thick, thin_mm, "cubic")
+    z0, dz = float(aff[2, 3]), float(aff[2, 2])
+    thin_aff = torch.as_tensor(thin.affine, dtype=torch.float64)
+    assert thin.shape[3] == count and float(thin_aff[2, 2]) == pytest.approx(thin_mm)
+    first, last = float(thin_aff[2, 3]), float(thin_aff[2, 3] + thin_aff[2, 2] * (count - 1))
+    assert first == pytest.approx(z0 + first_mm)
+    edge_lo, edge_hi = z0 - dz / 2, z0 + dz * (n - 0.5)  # the slabs' outer edges
+    assert first - thin_mm / 2 >= edge_lo - 1e-6 and last + thin_mm / 2 <= edge_hi + 1e-6
+    assert (first - thin_mm / 2 - edge_lo) == pytest.approx(edge_hi - last - thin_mm / 2)  # centred
+    files = save_dicom_series(thin, tmp_path / "dcm")  # positions in DICOM: IPP z of the first and last slice
+    ipp = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in (files[0], files[-1])]
+    assert ipp == [pytest.approx(first, abs=1e-3), pytest.approx(last, abs=1e-3)]
+
+
+def test_end_slices_are_interpolated_as_well_as_interior_ones():
+    """On a 5x slab series of a phantom (64x64x80 at 2 mm), the first and last three thin slices of the slab-extent
+    grid (up to half a slab beyond the first and last slab centres) score no worse than the interior's median."""
+    from ctsynth.metrics import psnr
+    from ctsynth.slices import interpolate_study
+
+    thin, _ = thorax_phantom((64, 64, 80), 2.0, seed=2003, keep_proportions=True)
+    thick = slab_average(thin, 5, axis=2)
+    pred = interpolate_study(thick, 2.0, "cubic")
+    assert pred.shape == thin.shape and torch.allclose(torch.as_tensor(pred.affine), torch.as_tensor(thin.affine).double(),
+                                                       atol=1e-4)
+    p, t = ((v.as_tensor().clamp(-1000, 1000) + 1000) / 2000 for v in (pred, thin))
+    per = [float(psnr(p[..., k], t[..., k], 1.0)) for k in range(80)]
+    interior = sorted(per[3:-3])[len(per[3:-3]) // 2]
+    assert interior == pytest.approx(27.41, abs=0.05)  # pinned: seed 2003
+    assert min(per[:3] + per[-3:]) >= interior

@@ -31,7 +31,8 @@ from ctsynth.meta_schema import MetaField
 from ctsynth.phantoms import slab_average
 from ctsynth.transforms import scale_hu, unscale_hu
 
-__all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "thin_grid_offset_mm", "interpolate_slices",
+__all__ = ["INTERPOLATION_MODES", "resample_axis", "slice_positions", "slab_extent_grid", "thin_grid_offset_mm",
+           "interpolate_slices",
            "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume",
            "save_refiner", "load_refiner",
@@ -108,6 +109,25 @@ def slice_positions(volume: MetaTensor, spacing_mm: float | None = None, factor:
     return positions, new_aff
 
 
+def slab_extent_grid(volume: MetaTensor, spacing_mm: float, axis: int = 2) -> tuple[int, float]:
+    """(count, offset_mm) of the thin grid at ``spacing_mm`` that covers the thick slabs' whole extent.
+
+    Each of the ``n`` thick slices of spacing ``S`` stands for the slab ``[c - S/2, c + S/2]`` around its centre
+    ``c``: the extent is ``n S`` long, ``count = floor(n S / spacing)`` thin slices fit in it and they are centred
+    in it, so the first lies ``(S - spacing) / 2`` before the first centre when the spacings divide (``n``
+    slices of 12.5 mm give ``5 n`` slices of 2.5 mm: the series the slabs were averaged from). Pass both to
+    :func:`interpolate_slices`.
+    """
+    step_in = float(torch.as_tensor(getattr(volume, "affine", torch.eye(4)), dtype=torch.float64)[:3, axis].norm())
+    n = int(volume.shape[1 + axis])
+    spacing_mm = float(spacing_mm)
+    if not math.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise ValueError(f"target spacing must be > 0 mm, got {spacing_mm}")
+    count = max(1, int(math.floor(n * step_in / spacing_mm + 1e-6)))
+    # the grid's first slice centre, from the first thick centre: slab edge, half a thin slice, half the leftover
+    return count, -step_in / 2 + spacing_mm / 2 + (n * step_in - count * spacing_mm) / 2
+
+
 def thin_grid_offset_mm(thick: MetaTensor, thin: MetaTensor, axis: int = 2) -> float:
     """Distance (mm) from the thick series' first slice to the thin series' first slice along the slice axis
     (the ``offset_mm`` that puts :func:`interpolate_slices` output on the thin series' grid)."""
@@ -157,7 +177,7 @@ def thick_consistency(pred: MetaTensor, thick: MetaTensor, axis: int = 2) -> Met
     keeps the part the blur destroyed from the measurement. Slabs that reach beyond ``pred`` repeat its end slices.
 
     Args:
-        pred: (1, X, Y, Z') HU on a thin grid along ``axis`` inside the thick series' span (its affine places it).
+        pred: (1, X, Y, Z') HU on a thin grid along ``axis`` within the thick slabs' extent (its affine places it).
         thick: (1, X, Y, Z) HU, the series ``pred`` was made from, on the same in-plane grid.
 
     Returns:
@@ -472,22 +492,25 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
         volume: (1, X, Y, Z) HU with a RAS affine, Z the thick axis.
 
     Returns:
-        (1, X, Y, Z') HU on the thin grid.
+        (1, X, Y, Z') HU on the thin grid covering the thick slabs' whole extent (:func:`slab_extent_grid`).
     """
     if method not in STUDY_METHODS:
         raise ValueError(f"method must be one of {STUDY_METHODS}, got {method!r}")
     if method == "refiner" and not model:
         raise ValueError("method 'refiner' needs a refiner file (saved by --save-model / save_refiner)")
+    count, offset = slab_extent_grid(volume, spacing_mm)
     if method in INTERPOLATION_MODES:
-        result = interpolate_slices(volume, spacing_mm=spacing_mm, mode=method)
+        result = interpolate_slices(volume, spacing_mm=spacing_mm, count=count, offset_mm=offset, mode=method)
         return thick_consistency(result, volume) if consistency else result
     aff = torch.as_tensor(volume.affine, dtype=torch.float64)
     pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
-    up = interpolate_slices(volume, spacing_mm=pixel, mode="cubic")
+    pixel_count, pixel_offset = slab_extent_grid(volume, pixel)
+    up = interpolate_slices(volume, spacing_mm=pixel, count=pixel_count, offset_mm=pixel_offset, mode="cubic")
     net = load_refiner(model) if method == "refiner" else fit_self_supervised_refiner(volume, steps=steps, seed=seed)
     if save_model and method == "self-supervised":
         save_refiner(net, save_model, {"trained_on": str(volume.meta.get("filename_or_obj", "")), "steps": steps})
     result = refine_volume(net, up, flips=flips)
-    if abs(pixel - spacing_mm) > 1e-3:
-        result = interpolate_slices(result, spacing_mm=spacing_mm, mode="cubic")
+    if abs(pixel - spacing_mm) > 1e-3 or pixel_count != count:
+        result = interpolate_slices(result, spacing_mm=spacing_mm, count=count, offset_mm=offset - pixel_offset,
+                                    mode="cubic")
     return thick_consistency(result, volume) if consistency else result

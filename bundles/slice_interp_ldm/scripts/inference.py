@@ -23,7 +23,7 @@ from ctsynth.engine import load_network_weights, read_checkpoint_meta
 from ctsynth.io import check_outputs, load_volume, save_dicom_series, save_nifti
 from ctsynth.maisi import LatentCodec, load_maisi_autoencoder, unit_to_ct
 from ctsynth.prepare import slice_spacing_mm
-from ctsynth.slices import slice_positions, thick_consistency
+from ctsynth.slices import slab_extent_grid, slice_positions, thick_consistency
 
 from .latents import ThickConditioner
 from .sampling import LatentDiffusionSampler
@@ -78,7 +78,9 @@ class SliceInterpolator:
                  offset_mm: float = 0.0, seed: int = 0,
                  consistency: bool | None = None) -> tuple[MetaTensor, MetaTensor | None]:
         """(1, X, Y, Z) thick volume in HU -> (mean, std) thin volumes (1, X, Y, Z') in HU on the thin grid
-        (std None when ``samples`` is 1; ``consistency``: default the interpolator's)."""
+        (std None when ``samples`` is 1; ``consistency``: default the interpolator's). The grid has ``count``
+        slices from ``offset_mm``; without ``count`` it covers the thick slabs edge to edge
+        (:func:`ctsynth.slices.slab_extent_grid`)."""
         consistency = self.consistency if consistency is None else bool(consistency)
         if thick.ndim != 4 or thick.shape[0] != 1:
             raise ValueError(f"expected a (1, X, Y, Z) volume, got {tuple(thick.shape)}")
@@ -88,6 +90,8 @@ class SliceInterpolator:
         if spacing_mm >= st:
             raise ValueError(f"target spacing {spacing_mm} mm is not finer than the input's {st:.3f} mm slice spacing; "
                              "choose a smaller --spacing")
+        if count is None:
+            count, offset_mm = slab_extent_grid(thick, spacing_mm)
         positions, affine = slice_positions(thick, spacing_mm=spacing_mm, count=count, offset_mm=offset_mm)
         n = int(positions.numel())
         cond = self.conditioner(thick.to(self.device), spacing_mm, n, offset_mm)
