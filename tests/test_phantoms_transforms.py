@@ -100,3 +100,34 @@ def test_dict_transforms_render_and_slab():
     d = SlabAveraged("ct", "thick", factor=4)(d)
     assert d["thick"].shape == (1, 24, 24, 5)
     assert set(TISSUE_HU) >= {"lung", "cortical_bone", "iodine_artery"}
+
+
+def test_realism_adds_ct_noise_texture_and_partial_volume_to_the_same_anatomy():
+    import numpy as np
+
+    from ctsynth.phantoms import scanner_appearance
+
+    plain, _ = thorax_phantom((48, 48, 40), 3.0, seed=5, keep_proportions=True)
+    real, _ = thorax_phantom((48, 48, 40), 3.0, seed=5, keep_proportions=True, realism=1.0)
+    again, _ = thorax_phantom((48, 48, 40), 3.0, seed=5, keep_proportions=True, realism=1.0)
+    assert torch.equal(real, again)  # deterministic
+    diff = (real - plain).as_tensor()
+    assert 15.0 < float(diff.std()) < 80.0 and abs(float(diff.mean())) < 5.0  # the anatomy itself is unchanged
+
+    rng = np.random.default_rng(0)
+    air = scanner_appearance(np.full((64, 64, 16), -1000.0, np.float32), 1.0, rng) + 1000.0  # noise alone
+    assert float(air.std()) == pytest.approx(20.0, rel=1e-3)
+    power = (np.abs(np.fft.fft2(air, axes=(0, 1))) ** 2).mean(-1)
+    f = np.sqrt(np.fft.fftfreq(64)[:, None] ** 2 + np.fft.fftfreq(64)[None, :] ** 2)
+    low, mid, high = (float(power[(f > a) & (f < b)].mean()) for a, b in ((0.0, 0.05), (0.15, 0.25), (0.45, 0.71)))
+    assert low < 0.2 * mid and high < 0.2 * mid  # CT's noise power: a ramp rolled off by the kernel
+    z_corr = float(np.corrcoef(air[..., :-1].ravel(), air[..., 1:].ravel())[0, 1])
+    assert 0.1 < z_corr < 0.9  # neighbouring slices share some noise
+
+    edge = np.full((16, 16, 16), -1000.0, np.float32)
+    edge[8:] = 40.0
+    smooth = scanner_appearance(edge, 1.0, np.random.default_rng(1)) - scanner_appearance(
+        np.full_like(edge, -1000.0), 1.0, np.random.default_rng(1)) - 1000.0  # the same noise removed
+    assert -1000.0 < float(smooth[7].mean()) < -500.0 and -500.0 < float(smooth[8].mean()) < 40.0  # partial volume
+    with pytest.raises(ValueError, match="realism must be in"):
+        thorax_phantom((16, 16, 16), 3.0, realism=-1)

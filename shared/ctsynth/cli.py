@@ -25,7 +25,7 @@ OPTION_LIMITS: dict[str, tuple[float, float]] = {
     "inference_steps": (1, 1000), "samples": (1, 1000), "sid": (1, 1e5), "sdd": (1, 1e5), "energy": (10, 500),
     "spacing": (0.05, 100), "pixel_spacing": (1e-3, 100), "shape": (4, 2048), "sizes": (8, 1024),
     "guidance": (0, 100), "factor": (2, 32), "fov_mm": (1, 2000), "emboli": (0, 1), "detail": (0, 10),
-    "noise": (0, 1000), "batch": (1, 1024), "latent_shape": (1, 1024), "train_shape": (4, 2048),
+    "noise": (0, 1000), "realism": (0, 10), "batch": (1, 1024), "latent_shape": (1, 1024), "train_shape": (4, 2048),
     "volume": (4, 4096), "roi": (4, 2048), "patch": (4, 2048), "depths": (1, 4096), "window": (-10000, 100000),
     "plane_chunk": (1, 8192), "in_plane": (8, 2048), "chunk": (1, 4096), "overlap": (0, 0.95),
     "num_splits": (1, 64), "latent_channels": (1, 1024), "stages": (1, 8), "seed": (0, 2**63 - 1),
@@ -245,15 +245,16 @@ class Prepare:
         _emit({"studies": str(root / "studies"), "labels": str(root / "labels.csv")})
 
     def phantom_pairs(self, out: str, n: int = 12, shape: Any = (64, 64, 84), spacing: float = 2.0, factor: int = 5,
-                      seed: int = 0, detail: float = 0.0, keep_proportions: bool = True) -> None:
+                      seed: int = 0, detail: float = 0.0, keep_proportions: bool = True, realism: float = 0.0) -> None:
         """Thin phantoms and their FACTOR-times thicker slab averages -> the slice_interp_ldm dataset layout (try
         the bundle without data); --detail 1 adds fine anatomy without a preferred direction; the anatomy keeps its
-        proportions unless --keep_proportions false (then z is stretched to fill the depth)."""
+        proportions unless --keep_proportions false (then z is stretched to fill the depth); --realism 1 adds a
+        routine chest CT's partial volume, texture and noise (correlated, CT's noise power spectrum)."""
         from ctsynth.prepare import prepare_phantom_pairs
 
         spacing = float(spacing[0] if isinstance(spacing, (tuple, list)) else spacing)
         _emit(prepare_phantom_pairs(out, n, _tuple(shape, 3, "shape"), spacing, factor, seed=seed, detail=detail,
-                                    keep_proportions=keep_proportions))
+                                    keep_proportions=keep_proportions, realism=realism))
 
 
 class BundleCommands:
@@ -292,11 +293,12 @@ class CLI:
         self.prepare = Prepare()
         self.bundle = BundleCommands()
 
-    def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0) -> None:
-        """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json."""
+    def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0, realism: float = 0.0) -> None:
+        """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json. ``--realism 1``: the slice
+        interpolation demo's phantoms carry a routine chest CT's partial volume, texture and noise."""
         from ctsynth.demo import run_demo
 
-        res = run_demo(out, bundle, n=n, seed=seed)
+        res = run_demo(out, bundle, n=n, seed=seed, realism=realism)
         _emit({name: str(Path(out) / name / "metrics.json") for name in res})
 
     def reconstruct(self, *xrays: str, geometry: str, out: str, checkpoint: str | None = None,
@@ -392,10 +394,11 @@ class CLI:
 
     def phantom(self, out_dir: str, n: int = 1, shape: Any = (128, 128, 128), spacing: Any = 3.0,
                 contrast: bool = False, emboli: float = 0.0, format: str = "nifti", seed: int = 0,
-                noise: float = 0.0, detail: float = 0.0, keep_proportions: bool = False) -> None:
+                noise: float = 0.0, detail: float = 0.0, keep_proportions: bool = False, realism: float = 0.0) -> None:
         """Writes N thorax phantoms (HU) as NIfTI files or DICOM series, with a phantoms.json manifest (--detail 1:
         fine anatomy without a preferred direction: peripheral vessel trees, nodules, tissue texture;
-        --keep_proportions: z scaled like x and y instead of stretched to fill the depth)."""
+        --keep_proportions: z scaled like x and y instead of stretched to fill the depth; --realism 1: a routine
+        chest CT's partial volume, tissue texture and noise with CT's noise power spectrum)."""
         from tqdm.auto import tqdm
 
         from ctsynth.atomic import atomic_write_json
@@ -411,7 +414,7 @@ class CLI:
         for i in tqdm(range(n), desc="phantoms", unit="vol"):
             vol, info = thorax_phantom(_tuple(shape, 3, "shape"), _tuple(spacing, 3, "spacing"), seed=seed + i,
                                        contrast=contrast, emboli=emboli, noise_hu=noise, detail=detail,
-                                       keep_proportions=keep_proportions)
+                                       keep_proportions=keep_proportions, realism=realism)
             name = f"phantom_{seed + i:04d}"
             path = save_nifti(vol, out / f"{name}.nii.gz") if format == "nifti" else save_dicom_series(
                 vol, out / name, series_description=f"ctsynth phantom seed {seed + i}")[0].parent

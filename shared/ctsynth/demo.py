@@ -180,7 +180,8 @@ SLICE_DEMO_SCHEDULE = {  # (epochs, iterations per epoch, batch size, learning r
 
 
 def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[int] = (64, 64, 84), spacing: float = 2.0,
-                          factor: int = 5, seed: int = 0, schedule: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+                          factor: int = 5, seed: int = 0, schedule: dict[str, Any] | None = None, realism: float = 0.0,
+                          **_: Any) -> dict[str, Any]:
     """The slice_interp_ldm bundle end to end on phantom pairs (thin phantoms and their ``factor``x slab averages):
     train a tiny autoencoder, a tiny latent diffusion model and the fast paired refiner; evaluate them with the
     per-case self-supervised refiner against linear and cubic interpolation and the autoencoder's ceiling;
@@ -195,7 +196,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     root = Path(out) / "slice_interp_ldm"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    prep = prepare_phantom_pairs(root / "data", n_cases, shape, spacing, factor, seed=seed)
+    prep = prepare_phantom_pairs(root / "data", n_cases, shape, spacing, factor, seed=seed, realism=realism)
     timings["prepare_s"] = time.perf_counter() - t0
     common = {"dataset_dir": str(root / "data"), "models_dir": str(root / "models"), "output_dir": str(root / "eval"),
               "num_workers": 0, "seed": seed, "autoencoder_args": SLICE_DEMO_AUTOENCODER, "vgg_random_init": True}
@@ -256,7 +257,8 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     checks = {f"{m}_minus_cubic_db": g for m, g in gains.items()}
     checks.update({f"{m}_psnr_db": pick(m)["psnr"] for m in ("cubic", "ldm", "refiner")})
     checks.update({f"{m}_beats_cubic": gains[m] > 0 for m in models})
-    summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "timings": timings,
+    summary = {"prepared": prep, "slab_factor": factor, "thin_spacing_mm": spacing, "shape": side, "realism": realism,
+               "timings": timings,
                "checks": checks, "evaluation": report["summary"], "hu_fidelity": report["hu_fidelity"],
                "test_cases": report["cases"], "inference": infer,
                "metric_definition": "3D over the thin grid, HU window and data range stated per row"}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-__all__ = ["TISSUE_HU", "PhantomInfo", "grid_affine", "thorax_phantom", "slab_average", "SDFPainter"]
+__all__ = ["scanner_appearance", "TISSUE_HU", "PhantomInfo", "grid_affine", "thorax_phantom", "slab_average", "SDFPainter"]
 
 #: Typical CT numbers (HU) per tissue; each phantom jitters them slightly.
 TISSUE_HU: dict[str, float] = {
@@ -206,6 +206,7 @@ def thorax_phantom(
     fit_fov: bool = True,
     detail: float = 0.0,
     keep_proportions: bool = False,
+    realism: float = 0.0,
 ) -> tuple[MetaTensor, PhantomInfo]:
     """Generates a random thorax phantom in HU.
 
@@ -227,6 +228,14 @@ def thorax_phantom(
             (about 20 HU). 0 (the default): none, the large anatomy only, which is elongated along z; 1: about a
             dozen peripheral trees per lung. Drawn from a separate random stream, so the large anatomy of a seed
             does not change with ``detail``.
+        realism: what a scanner adds to the anatomy, scaled by this factor (0: none; 1: a routine chest CT),
+            drawn from its own random stream (the anatomy of a seed does not change): partial volume (the
+            anatomy blurred by a Gaussian system response of ``0.5 * realism`` voxels' sigma on every axis),
+            lung parenchyma and soft-tissue texture (a correlated random field of ``30 * realism`` HU in lung and
+            ``10 * realism`` HU in soft tissue) and quantum noise with CT's noise power spectrum (white noise
+            filtered in-plane by ``|f| exp(-(|f| / f_c)^2)``, the ramp of filtered back-projection rolled off by the
+            kernel, ``f_c`` at half the Nyquist frequency; slightly correlated along z; ``20 * realism`` HU
+            standard deviation).
 
     Returns:
         ``(volume, info)``: a (1, S0, S1, S2) float32 MetaTensor in HU with its RAS affine, and what it holds.
@@ -241,6 +250,8 @@ def thorax_phantom(
         raise ValueError(f"emboli is a probability in [0, 1], got {emboli}")
     if detail < 0:
         raise ValueError(f"detail must be >= 0 (0: none, 1: about a dozen peripheral vessel trees per lung), got {detail}")
+    if not 0.0 <= realism <= 10.0:
+        raise ValueError(f"realism must be in [0, 10] (0: none, 1: a routine chest CT), got {realism}")
     rng = np.random.default_rng(seed)
     hu = _jitter(rng, TISSUE_HU)
     fov = np.asarray(shape) * sp
@@ -341,10 +352,38 @@ def thorax_phantom(
     if detail > 0:
         _fine_anatomy(p, np.random.default_rng([seed, 2]), lungs, pa_hu, hu, sxy, detail)
     vol = p.vol
+    if realism > 0:
+        vol = scanner_appearance(vol, realism, np.random.default_rng([seed, 3]))
     if noise_hu > 0:
         vol = vol + rng.normal(0.0, noise_hu, vol.shape).astype(np.float32)
     info = PhantomInfo(seed=seed, contrast=contrast, emboli=n_emboli, scale_xy=float(sxy), scale_z=float(sz), hu=hu)
     return MetaTensor(torch.from_numpy(vol)[None], affine=grid_affine(shape, sp)), info
+
+
+def scanner_appearance(vol: np.ndarray, realism: float, rng: np.random.Generator) -> np.ndarray:
+    """What a CT scanner adds to anatomy ``vol`` (X, Y, Z in HU), scaled by ``realism`` (see :func:`thorax_phantom`):
+    partial volume, tissue texture, then quantum noise with CT's noise power spectrum. Returns float32 HU."""
+    from scipy.ndimage import gaussian_filter
+
+    anatomy = np.asarray(vol, dtype=np.float32)
+    # tissue texture, by the sharp anatomy's tissue: lung parenchyma is heterogeneous, soft tissue less so
+    field = gaussian_filter(rng.standard_normal(anatomy.shape).astype(np.float32), 1.0)
+    field /= max(float(field.std()), 1e-6)
+    lung = (anatomy > -950) & (anatomy < -500)
+    soft = (anatomy > -200) & (anatomy < 300)
+    textured = anatomy + realism * field * np.where(lung, 30.0, np.where(soft, 10.0, 0.0)).astype(np.float32)
+    # partial volume: the system response blurs every edge over about a voxel
+    blurred = gaussian_filter(textured, 0.5 * realism)
+    # quantum noise: white noise through the in-plane noise power spectrum of filtered back-projection
+    white = rng.standard_normal(anatomy.shape).astype(np.float32)
+    fx = np.fft.fftfreq(anatomy.shape[0])[:, None]
+    fy = np.fft.fftfreq(anatomy.shape[1])[None, :]
+    f = np.sqrt(fx ** 2 + fy ** 2)  # cycles per voxel; Nyquist 0.5
+    shaping = (f * np.exp(-(f / 0.25) ** 2)).astype(np.float32)[..., None]
+    noise = np.real(np.fft.ifft2(np.fft.fft2(white, axes=(0, 1)) * shaping, axes=(0, 1))).astype(np.float32)
+    noise = gaussian_filter(noise, (0.0, 0.0, 0.5))  # neighbouring reconstructed slices share projections
+    noise *= np.float32(20.0 * realism / max(float(noise.std()), 1e-6))
+    return (blurred + noise).astype(np.float32)
 
 
 def slab_average(volume: torch.Tensor, factor: int, axis: int = -1, stride: int | None = None) -> MetaTensor:

@@ -413,10 +413,11 @@ def prepare_slice_interp(studies: str | Path, out: str | Path, fractions: Sequen
 
 def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (64, 64, 84), spacing_mm: float = 2.0,
                           factor: int = 5, fractions: Sequence[float] = (0.75, 0.15, 0.10), seed: int = 0,
-                          detail: float = 0.0, keep_proportions: bool = True) -> dict[str, Any]:
+                          detail: float = 0.0, keep_proportions: bool = True, realism: float = 0.0) -> dict[str, Any]:
     """The slice_interp_ldm dataset from phantoms: thin phantoms and their ``factor``-times thicker slab averages,
     laid out and listed exactly as :func:`prepare_slice_interp` writes real studies (categories ``contrast`` /
-    ``non-contrast``, stratified split). ``detail`` and ``keep_proportions``: see
+    ``non-contrast``, stratified split). ``detail``, ``keep_proportions`` and ``realism`` (partial volume, texture
+    and CT noise in the thin series, which the slab averages then carry as a scanner's thick series would): see
     :func:`ctsynth.phantoms.thorax_phantom`; the anatomy keeps its proportions by default here, since through-plane
     structure is what slice interpolation restores."""
     from ctsynth.phantoms import slab_average, thorax_phantom
@@ -429,7 +430,7 @@ def prepare_phantom_pairs(out: str | Path, n: int = 12, shape: Sequence[int] = (
         category = "contrast" if contrast else "non-contrast"
         pid = f"phantom_{i:03d}"
         thin, _ = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 2000 + i, contrast=contrast, emboli=0.3,
-                                 detail=detail, keep_proportions=keep_proportions)
+                                 detail=detail, keep_proportions=keep_proportions, realism=realism)
         thick, thin = align_thick_thin(slab_average(thin, int(factor)), thin)
         case_dir = out / "cases" / category / pid
         save_nifti(thick, case_dir / "thick.nii.gz")
