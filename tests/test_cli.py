@@ -162,3 +162,15 @@ def test_cli_bench_stage_steps(argv, kind, key, value, capsys):
     res = _json_out(capsys)
     assert res["benchmark"] == kind and res[key] == value and res["parameters"] > 0
     assert res["step_s"]["median_s"] > 0 and res["peak_memory_mb"] > 0
+
+
+def test_cli_bench_interpolate_reports_each_phase(tmp_path, capsys):
+    main(["bench", "interpolate", "--shape", "32", "32", "6", "--spacing", "2", "2", "10", "--steps", "3",
+          "--out", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    res = _json_out(capsys)
+    assert res["benchmark"] == "interpolate" and res["thick_shape"] == [32, 32, 6] and res["thin_shape"] == [32, 32, 30]
+    assert set(res["phases"]) == {"interpolate", "fit", "refine"}  # 2 mm pixels: no resampling after refining
+    assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in res["phases"].values())
+    assert res["gain_over_cubic_db"] == res["psnr_db"] - res["cubic_psnr_db"] and res["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["phases"].keys() == res["phases"].keys()
+    assert (tmp_path / "b.png").stat().st_size > 1000

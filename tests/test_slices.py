@@ -146,6 +146,7 @@ def test_cli_interpolate(tmp_path, capsys):
           "self-supervised", "--steps", "5", "--save_model", str(tmp_path / "ss.pt"), "--spacing", "2"])
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "self-supervised" and rep["slices"] == round(thick.shape[3] * step / 2)
+    assert set(rep["phases"]) >= {"interpolate", "fit", "refine"} and rep["phases"]["fit"]["seconds"] > 0
     assert (tmp_path / "ss.pt").is_file()
     main(["interpolate", str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "tc.nii.gz"), "--spacing", "4",
           "--consistency"])
