@@ -655,7 +655,7 @@ def test_damaged_archives_are_named(make, match, tmp_path):
 
 
 def test_zip_expansion_is_capped_relative_to_the_archive(tmp_path, monkeypatch):
-    archive = _zip(tmp_path / "zeros.zip", {f"s{i}.dcm": bytes(900_000) for i in range(4)})  # 3.6 MB in ~14 KB
+    archive = _zip(tmp_path / "zeros.zip", {f"s{i}.dcm": bytes(900_000) for i in range(4)})  # 3.6 MB of zeros, a few KB zipped
     size = archive.stat().st_size
     assert zip_limits(archive, tmp_path) == 256 * 2**20  # 50x the archive is below the 256 MiB floor
     assert zip_limits(archive, tmp_path, max_total_ratio=1e6) == min(int(1e6 * size), 64 * 2**30,

@@ -323,8 +323,9 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
 
     def walk(obj: Any, name: str) -> None:
         if isinstance(obj, dict):
-            if "median_s" in obj or "seconds" in obj:
-                bars[name] = float(obj.get("median_s", obj.get("seconds")))
+            timing = obj.get("median_s", obj.get("seconds"))
+            if isinstance(timing, (int, float)):
+                bars[name] = float(timing)
                 return
             for k, v in obj.items():
                 walk(v, f"{name}/{k}" if name else str(k))
