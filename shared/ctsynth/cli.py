@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -567,9 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refuse(command: str, error: BaseException, status: int, hint: str = "") -> int:
-    import os
-    import traceback
-
+    """Writes the one-line refusal of ``error`` (with its traceback under ``CTSYNTH_DEBUG=1``); returns ``status``."""
     if os.environ.get("CTSYNTH_DEBUG", "").strip().lower() in ("1", "true", "yes"):
         traceback.print_exception(error, file=sys.stderr)
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
