@@ -22,7 +22,7 @@ from monai.bundle import ConfigWorkflow
 from ctsynth.engine import read_checkpoint_meta
 from ctsynth.meta_schema import CheckpointNetwork, MetaError, check_plain_value, validate_checkpoint_meta
 
-__all__ = ["BUNDLES", "bundle_root", "bundle_module", "bundle_version", "pack_bundle", "run_bundle", "parse_device",
+__all__ = ["BUNDLES", "bundle_root", "bundle_models", "bundle_module", "bundle_version", "pack_bundle", "run_bundle", "parse_device",
            "checkpoint_rules", "checkpoint_network", "checkpoint_settings", "checkpoint_config", "NetworkExport",
            "EXPORTS", "NOT_EXPORTED", "verify_bundle"]
 
@@ -91,6 +91,11 @@ def _activate(root: str) -> None:
     for mod in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
         if not str(getattr(sys.modules[mod], "__file__", "") or "").startswith(str(root)):
             del sys.modules[mod]
+
+
+def bundle_models(name: str, models_dir: str | Path | None = None) -> Path:
+    """``models_dir`` when given, else bundle ``name``'s ``models/`` folder (where its trainings publish weights)."""
+    return Path(models_dir) if models_dir else Path(bundle_root(name)) / "models"
 
 
 def bundle_module(name: str, module: str) -> Any:

@@ -324,11 +324,11 @@ class CLI:
         the bundle's models/model.pt). Writes OUT, OUT's .png preview and .json report (re-projection PSNR,
         and metrics against ``--ground-truth`` when given); ``--save-stages`` writes every stage's output.
         """
-        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
+        from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
         if not xrays:
             raise ValueError("give the radiographs: ctsynth reconstruct AP LATERAL [...] --geometry G.json --out CT.nii.gz")
-        ckpt = checkpoint or str(Path(bundle_root("cascade_xray2ct")) / "models" / "model.pt")
+        ckpt = checkpoint or str(bundle_models("cascade_xray2ct") / "model.pt")
         overrides = {"xrays": [str(x) for x in xrays], "geometry": geometry, "output": out,
                      "ground_truth": ground_truth, "save_stages": save_stages, "fov_mm": fov_mm, "preview": preview,
                      **checkpoint_settings("cascade_xray2ct", ckpt)}
@@ -365,9 +365,9 @@ class CLI:
             raise ValueError(f"--samples {samples} needs --method ldm (the other methods are deterministic)")
         check_outputs([out], dicom_out, [save_model])
         if method == "ldm":
-            from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
+            from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
-            models = Path(bundle_root("slice_interp_ldm")) / "models"
+            models = bundle_models("slice_interp_ldm")
             overrides = {"input": thick, "output": out, "spacing": spacing, "samples": int(samples), "seed": seed,
                          "dicom_out": dicom_out, "inference_steps": int(inference_steps),
                          "consistency": bool(consistency),
@@ -399,9 +399,9 @@ class CLI:
         (stage 2, default MODELS/ldm.pt) and ``--vqgan`` (stage 1, default MODELS/vqgan.pt), MODELS being
         ``--models-dir`` or the bundle's models/.
         """
-        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
+        from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
-        models = Path(models_dir) if models_dir else Path(bundle_root("xray2ctpa_vqgan")) / "models"
+        models = bundle_models("xray2ctpa_vqgan", models_dir)
         overrides = {"input": xray, "output": out, "steps": int(steps), "guidance": float(guidance),
                      "samples": int(samples), "seed": int(seed), "dicom_out": dicom_out, "preview": preview,
                      "vqgan_path": vqgan or str(models / "vqgan.pt"),

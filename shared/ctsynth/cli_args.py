@@ -56,24 +56,33 @@ def _commands(group: Any) -> dict[str, Any]:
     return {n: getattr(group, n) for n in dir(group) if not n.startswith("_")}
 
 
-def _resolve(root: Any, argv: Sequence[str]) -> tuple[list[str], Callable[..., Any] | None, int]:
-    """(command path, the command's function or None for a bare group / help, index of its first argument)."""
+def _walk(root: Any, argv: Sequence[str]) -> tuple[list[str], Callable[..., Any] | None, int, str | None]:
+    """(command path, the command's function or None for a bare group / help, index of its first argument, the
+    token that names no command of the group reached, or None)."""
     obj, path, i = root, [], 0
     while i < len(argv) and not argv[i].startswith("-"):
-        members = _commands(obj)
-        name = argv[i].replace("-", "_")
-        if name not in members:
-            where = " ".join(["ctsynth", *path])
-            choices = sorted(m.replace("_", "-") for m in members)
-            raise UsageError(f"'{where}' has no command {argv[i]!r}{_closest(argv[i].replace('_', '-'), choices)} "
-                             f"(commands: {', '.join(choices)})")
-        member = members[name]
+        member = _commands(obj).get(argv[i].replace("-", "_"))
+        if member is None:
+            return path, None, i, argv[i]
         path.append(argv[i])
         i += 1
         if inspect.ismethod(member) or inspect.isfunction(member):
-            return path, member, i
+            return path, member, i, None
         obj = member
-    return path, None, i
+    return path, None, i, None
+
+
+def _resolve(root: Any, argv: Sequence[str]) -> tuple[list[str], Callable[..., Any] | None, int]:
+    """:func:`_walk`, refusing a token that names no command (with the closest one)."""
+    path, func, start, unknown = _walk(root, argv)
+    if unknown is not None:
+        group = root
+        for tok in path:
+            group = _commands(group)[tok.replace("-", "_")]
+        choices = sorted(m.replace("_", "-") for m in _commands(group))
+        raise UsageError(f"'{' '.join(['ctsynth', *path])}' has no command {unknown!r}"
+                         f"{_closest(unknown.replace('_', '-'), choices)} (commands: {', '.join(choices)})")
+    return path, func, start
 
 
 def _kind(annotation: Any) -> str:
@@ -104,27 +113,17 @@ def _typed(value: str, kind: str, name: str) -> str:
 
 
 def runs_a_command(root: Any, argv: Sequence[str]) -> bool:
-    """Whether ``argv`` runs a command (rather than asking for help or naming a command group)."""
+    """Whether ``argv`` runs a command (rather than asking for help or naming a command group); a command line
+    naming no command counts as one (check_command_line refuses it)."""
     if any(a in ("--help", "-h") for a in argv):
         return False
-    try:
-        return _resolve(root, argv)[1] is not None
-    except UsageError:
-        return True  # the command line is wrong: check_command_line says so
+    _, func, _, unknown = _walk(root, argv)
+    return func is not None or unknown is not None
 
 
 def command_name(root: Any, argv: Sequence[str]) -> str:
     """``ctsynth <command path>`` of ``argv`` as far as it names commands (for messages)."""
-    obj, path = root, ["ctsynth"]
-    for tok in argv:
-        member = _commands(obj).get(tok.replace("-", "_")) if not tok.startswith("-") else None
-        if member is None:
-            break
-        path.append(tok)
-        if inspect.ismethod(member) or inspect.isfunction(member):
-            break
-        obj = member
-    return " ".join(path)
+    return " ".join(["ctsynth", *_walk(root, argv)[0]])
 
 
 def _check_limits(value: str, kind: str, name: str, limits: Mapping[str, tuple[float, float]]) -> None:

@@ -117,9 +117,9 @@ class SliceInterpolationOperator(Operator):
                         "slices": int(result.shape[3])}, "report")
 
     def _ldm(self, volume: Any) -> Any:
-        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
+        from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
-        models = self.models_path or Path(bundle_root("slice_interp_ldm")) / "models"
+        models = bundle_models("slice_interp_ldm", self.models_path)
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             src, out = Path(tmp) / "thick.nii.gz", Path(tmp) / "thin.nii.gz"
             save_nifti(volume, src)
@@ -174,10 +174,10 @@ class CascadeReconstructionOperator(Operator):
         spec.output("report")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
+        from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
         study = op_input.receive("study")
-        models = self.models_path or Path(bundle_root("cascade_xray2ct")) / "models"
+        models = bundle_models("cascade_xray2ct", self.models_path)
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             out = Path(tmp) / "ct.nii.gz"
             overrides = {"xrays": study["xrays"], "geometry": study["geometry"], "output": str(out), "preview": False,
