@@ -177,7 +177,7 @@ class Bench:
                     out: str | None = None, plot: str | None = None) -> None:
         """``ctsynth interpolate`` on a phantom's thick series of ``--shape`` voxels at ``--spacing`` mm (its
         ``--factor``-slice slab averages) back to thin slices: seconds and peak memory per phase (interpolate, fit,
-        refine, resample) and the gain over cubic against the phantom's thin series."""
+        refine) and the gain over cubic against the phantom's thin series."""
         from ctsynth.bench import bench_interpolate, write_json
 
         res = bench_interpolate(_tuple(shape, 3, "shape"), _tuple(spacing, 3, "spacing"), factor, method, steps, seed,
@@ -347,7 +347,8 @@ class CLI:
         ``refiner`` (a model trained by ``--save-model`` or on paired data, ``--model PATH``); ``ldm`` (the
         slice_interp_ldm bundle's latent diffusion model, ``--checkpoint`` and ``--autoencoder``, default the
         bundle's models/; ``--samples K`` > 1 also writes the per-voxel standard deviation, OUT_std.nii.gz).
-        The refiners work at the pixel spacing and resample to ``--spacing`` afterwards when they differ. A
+        The refiners refine the cubic interpolation onto the ``--spacing`` grid: a self-supervised one learns that
+        spacing's slice profile from the in-plane detail, a saved one warns when it learnt another spacing. A
         self-supervised refiner averages its output over the volume's mirror images (``--flips false``: one pass, 4x
         faster, 0.08-0.17 dB less on phantoms; ``--flips true`` for a paired refiner). ``--consistency``: the
         result keeps only what is finer than a thick slice and takes the rest from the thick series (any method).

@@ -554,18 +554,19 @@ class VolumeMetric(Metric):
     Args:
         metric: ``"psnr"``, ``"ssim"`` or ``"mae"``.
         window: HU window the metric is computed on (data range = its width).
-        intensity_range: HU mapped to [0, 1] by the data pipeline.
+        intensity_range: HU mapped to [0, 1] by the data pipeline; ``None``: predictions and labels are in HU.
         output_transform: engine output -> (pred, label), each (B, 1, S0, S1, S2) normalised.
     """
 
     METRICS = ("psnr", "ssim", "mae")
 
     def __init__(self, metric: str = "psnr", window: Sequence[float] = (-1000.0, 1000.0),
-                 intensity_range: Sequence[float] = (-1000.0, 1000.0),
+                 intensity_range: Sequence[float] | None = (-1000.0, 1000.0),
                  output_transform: Callable = lambda o: (o["pred"], o["label"]), device: str | torch.device = "cpu"):
         if metric not in self.METRICS:
             raise ValueError(f"metric must be one of {self.METRICS}, got {metric!r}")
-        self.metric, self.window, self.intensity_range = metric, tuple(window), tuple(intensity_range)
+        self.metric, self.window = metric, tuple(window)
+        self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
         super().__init__(output_transform=output_transform, device=device)
 
     @reinit__is_reduced
@@ -581,8 +582,10 @@ class VolumeMetric(Metric):
         if pred.ndim == 4:
             pred, label = pred[None], label[None]
         for p, t in zip(pred, label):
-            m = compute_image_metrics(unscale_hu(p.cpu(), self.intensity_range), unscale_hu(t.cpu(), self.intensity_range),
-                                      window=self.window)
+            p, t = p.cpu(), t.cpu()
+            if self.intensity_range is not None:
+                p, t = unscale_hu(p, self.intensity_range), unscale_hu(t, self.intensity_range)
+            m = compute_image_metrics(p, t, window=self.window)
             self._sum += m[self.metric]
             self._n += 1
 

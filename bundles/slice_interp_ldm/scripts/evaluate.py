@@ -83,13 +83,11 @@ class SliceInterpEvaluation:
         self.samples, self.refiner_path, self.ss_steps, self.seed = int(samples), refiner_path, int(self_supervised_steps), seed
         self._refiner = None
 
-    def _refined(self, model, thick: MetaTensor, spacing: float, count: int, offset: float) -> MetaTensor:
-        aff = torch.as_tensor(thick.affine, dtype=torch.float64)
-        pixel = float(min(aff[:3, 0].norm(), aff[:3, 1].norm()))
-        if abs(pixel - spacing) < 1e-3:
-            return refine_volume(model, interpolate_slices(thick, spacing_mm=spacing, count=count, offset_mm=offset))
-        fine = refine_volume(model, interpolate_slices(thick, spacing_mm=pixel))  # the refiner's own grid
-        return interpolate_slices(fine, spacing_mm=spacing, count=count, offset_mm=offset)
+    @staticmethod
+    def _refined(model, thick: MetaTensor, spacing: float, count: int, offset: float) -> MetaTensor:
+        """``model``'s refinement of the cubic interpolation of ``thick`` onto the thin grid."""
+        return refine_volume(model, interpolate_slices(thick, spacing_mm=spacing, count=count, offset_mm=offset),
+                             progress=False)
 
     def predict(self, method: str, thick: MetaTensor, thin: MetaTensor,
                 done: dict[str, MetaTensor] | None = None) -> MetaTensor:
@@ -110,7 +108,7 @@ class SliceInterpEvaluation:
         if method == "refiner":
             self._refiner = self._refiner or load_refiner(self.refiner_path)
             return self._refined(self._refiner, thick, sn, n, offset)
-        model = fit_self_supervised_refiner(thick, steps=self.ss_steps, seed=self.seed, progress=False)
+        model = fit_self_supervised_refiner(thick, steps=self.ss_steps, seed=self.seed, progress=False, spacing_mm=sn)
         return self._refined(model, thick, sn, n, offset)
 
     def run(self) -> dict[str, Any]:
