@@ -21,7 +21,7 @@ from ctsynth.io import load_volume
 from ctsynth.maisi import LatentCodec
 from ctsynth.phantoms import grid_affine
 from ctsynth.prepare import load_datalist, prepare_phantom_pairs
-from ctsynth.slices import thick_consistency
+from ctsynth.slices import thick_consistency, thin_grid_offset_mm
 
 ROOT = Path(bundle_root("slice_interp_ldm"))
 CONFIGS = ROOT / "configs"
@@ -258,3 +258,55 @@ def test_denoiser_passes_verify_net_in_out(trained):
     bad = {**over, "_meta_#network_data_format#outputs#pred#num_channels": 3}
     with pytest.raises(ValueError, match="output channel number"):
         verify_bundle("slice_interp_ldm", overrides={"network_def": bad})
+
+
+def test_refiner_trains_through_monai_bundle_run_resumes_and_serves_the_cli(tmp_path, capsys):
+    from ctsynth.metrics import compute_image_metrics
+    from ctsynth.slices import interpolate_study, load_refiner
+
+    data = tmp_path / "data"
+    prepare_phantom_pairs(data, n=6, shape=(32, 32, 40), spacing_mm=2.0, fractions=(0.5, 0.25, 0.25))
+    over = {"dataset_dir": str(data), "models_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"),
+            "patches_per_epoch": 16, "batch_size": 8}  # 2 steps an epoch
+    monai_bundle_run("slice_interp_ldm", "training", ["train_refiner.json"], {**over, "epochs": 1})
+    history = tmp_path / "eval" / "refiner" / "history.json"
+    assert [e["epoch"] for e in json.loads(history.read_text())["epochs"]] == [1]
+    last = torch.load(tmp_path / "models" / "refiner" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"] == {"epoch": 1, "iteration": 2} and {"network", "optimizer", "lr_scheduler"} <= set(last)
+    res = monai_bundle_run("slice_interp_ldm", "training", ["train_refiner.json"], {**over, "epochs": 2})
+    assert "resumed from" in res.stdout + res.stderr
+    epochs = json.loads(history.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(e["val_psnr"] > 15 for e in epochs)
+    assert torch.load(tmp_path / "models" / "refiner" / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"] == 4
+    assert any((tmp_path / "eval" / "refiner").glob("events.out.tfevents.*"))
+
+    published = tmp_path / "models" / "refiner.pt"
+    model = load_refiner(published)
+    assert model.spacing_mm == 2.0 and model.norm == "batch" and model.context_rows == 8 and not model.flips
+    case = load_datalist(data / "datalist.json", "test")[0]
+    out = tmp_path / "thin.nii.gz"
+    assert main(["interpolate", case["thick"], "--out", str(out), "--method", "refiner", "--model", str(published),
+                 "--spacing", "2"]) == 0
+    thin, pred, thick = load_volume(case["thin"]), load_volume(out), load_volume(case["thick"])
+    assert tuple(pred.shape) == (1, 32, 32, 5 * thick.shape[3])  # the slabs' whole extent
+    first = round(thin_grid_offset_mm(pred, thin) / 2.0)  # the thin series lies inside it
+    on_thin = MetaTensor(pred.as_tensor()[..., first:first + thin.shape[3]], affine=thin.affine)
+    cubic = interpolate_study(thick, 2.0, "cubic")
+    assert not torch.allclose(pred.as_tensor(), cubic.as_tensor(), atol=1.0)  # the refiner changed it
+    assert compute_image_metrics(on_thin, thin, window=(-1000, 1000))["psnr"] > 20
+
+
+def test_refiner_training_refuses_thin_series_of_different_spacings(tmp_path):
+    from ctsynth.slices import RefinerPatchDataset
+
+    for name, spacing in (("a", 2.0), ("b", 1.0)):
+        prepare_phantom_pairs(tmp_path / name, n=1, shape=(32, 32, 40), spacing_mm=spacing, fractions=(1.0, 0.0, 0.0))
+    entries = load_datalist(tmp_path / "a" / "datalist.json") + load_datalist(tmp_path / "b" / "datalist.json")
+    with pytest.raises(ValueError, match=r"different slice spacings \(1 mm: .*b.*thin.nii.gz.*2 mm: .*a.*thin"):
+        RefinerPatchDataset(entries, progress=False)
+    with pytest.raises(ValueError, match="lacks \\['thin'\\]"):
+        RefinerPatchDataset([{"id": "x", "thick": entries[0]["thick"]}], progress=False)
+    ds = RefinerPatchDataset(entries[:1], patch=24, length=5, progress=False)
+    item = ds[0]
+    assert len(ds) == 5 and ds.spacing_mm == 2.0 and item["image"].shape == item["label"].shape == (1, 24, 24)
+    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1

@@ -175,7 +175,8 @@ SLICE_DEMO_DENOISER = {
     "network_def#num_head_channels": 16, "network_def#norm_num_groups": 8, "network_def#num_res_blocks": 1,
 }
 SLICE_DEMO_SCHEDULE = {  # (epochs, iterations per epoch, batch size, learning rate) per model
-    "autoencoder": (8, 50, 2, 1e-3), "diffusion": (2, 50, 4, 1e-3), "refiner_steps": 400, "self_supervised_steps": 300,
+    "autoencoder": (8, 50, 2, 1e-3), "diffusion": (2, 50, 4, 1e-3), "refiner": (20, 20, 16, 5e-4),
+    "self_supervised_steps": 300,
 }
 
 
@@ -188,9 +189,7 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
     interpolate one test series with 2 samples (mean + uncertainty). Writes ``OUT/slice_interp_ldm/metrics.json``.
     """
     from ctsynth.bundles import checkpoint_settings, run_bundle
-    from ctsynth.io import load_volume
     from ctsynth.prepare import load_datalist, prepare_phantom_pairs
-    from ctsynth.slices import fit_paired_refiner, save_refiner
 
     sched = {**SLICE_DEMO_SCHEDULE, **(schedule or {})}
     root = Path(out) / "slice_interp_ldm"
@@ -221,11 +220,14 @@ def slice_interp_ldm_demo(out: str | Path, n_cases: int = 16, shape: Sequence[in
            "image_loss_interval": 10, "prediction_type": "sample", "conditioning": "image"}
     train("train.json", "diffusion", ldm)
 
-    t = time.perf_counter()  # the fast paired model on the same training pairs (and their in-plane detail)
-    cases = [(load_volume(e["thick"]), load_volume(e["thin"])) for e in load_datalist(root / "data" / "datalist.json",
-                                                                                     "training")]
-    refiner = fit_paired_refiner(cases, steps=int(sched["refiner_steps"]), seed=seed)
-    refiner_path = save_refiner(refiner, root / "models" / "refiner.pt", {"trained_on": "demo training pairs"})
+    # the fast paired refiner on the same training pairs (and their in-plane detail), through its bundle config
+    epochs, iterations, batch, lr = sched["refiner"]
+    t = time.perf_counter()
+    run_bundle("slice_interp_ldm", ["train_refiner.json"], "training", {
+        "dataset_dir": common["dataset_dir"], "models_dir": common["models_dir"], "output_dir": common["output_dir"],
+        "num_workers": 0, "seed": seed, "epochs": int(epochs), "patches_per_epoch": int(iterations) * int(batch),
+        "batch_size": int(batch), "learning_rate": float(lr)})
+    refiner_path = root / "models" / "refiner.pt"
     timings["train_refiner_s"] = time.perf_counter() - t
 
     ckpt = str(root / "models" / "model.pt")
