@@ -348,6 +348,19 @@ def test_thin_grid_covers_the_slabs_edge_to_edge(n, thick_mm, thin_mm, count, fi
     assert ipp == [pytest.approx(first, abs=1e-3), pytest.approx(last, abs=1e-3)]
 
 
+def test_interpolate_onto_lands_on_the_thin_series_grid():
+    from ctsynth.slices import interpolate_onto, thin_grid_offset_mm
+
+    thin, _ = thorax_phantom((16, 16, 40), 2.0, seed=1)
+    thick = slab_average(thin, 5)
+    inner = MetaTensor(thin.as_tensor()[..., 3:37], affine=thin.affine.clone())
+    inner.affine[:3, 3] += inner.affine[:3, 2] * 3  # a thin series starting 3 slices (6 mm) in
+    out = interpolate_onto(thick, inner, mode="linear")
+    assert out.shape == inner.shape and torch.allclose(torch.as_tensor(out.affine), torch.as_tensor(inner.affine).double())
+    expected = interpolate_slices(thick, spacing_mm=2.0, count=34, offset_mm=thin_grid_offset_mm(thick, inner), mode="linear")
+    assert thin_grid_offset_mm(thick, inner) == pytest.approx(2.0) and torch.equal(out.as_tensor(), expected.as_tensor())
+
+
 def test_end_slices_are_interpolated_as_well_as_interior_ones():
     """On a 5x slab series of a phantom (64x64x80 at 2 mm), the first and last three thin slices of the slab-extent
     grid (up to half a slab beyond the first and last slab centres) score no worse than the interior's median."""

@@ -16,9 +16,10 @@ import torch
 from ctsynth.atomic import atomic_write, atomic_write_text
 from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
+from ctsynth.runtime import peak_rss_mb
 
 __all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
-           "bench_autoencoder", "bench_classifier", "write_json", "plot_benchmark"]
+           "bench_autoencoder", "bench_classifier", "bench_interpolate", "write_json", "plot_benchmark"]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -151,9 +152,7 @@ def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any)
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB (process peak RSS)
+    return peak_rss_mb()  # the process's peak resident memory
 
 
 def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] | None = None, batch: int | Sequence[int] = 2,
@@ -220,8 +219,9 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
 
 
 _MAISI_WORKER = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from ctsynth.maisi import LatentCodec, build_maisi_autoencoder
+from ctsynth.runtime import peak_rss_mb
 args = json.loads(sys.argv[1])
 torch.manual_seed(0)
 ae = build_maisi_autoencoder(**args["overrides"]).eval().to(args["device"])
@@ -235,7 +235,7 @@ t1 = time.perf_counter()
 y = codec.decode(z, x.shape[-3:])
 t2 = time.perf_counter()
 peak = (torch.cuda.max_memory_allocated() / 2**20 if args["device"].startswith("cuda")
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        else peak_rss_mb())
 print(json.dumps({"depth": args["depth"], "latent_shape": list(z.shape), "output_shape": list(y.shape),
                   "encode_s": t1 - t0, "decode_s": t2 - t1, "peak_memory_mb": peak}))
 """
@@ -485,8 +485,9 @@ def bench_interpolate(shape: Sequence[int] = (512, 512, 26), spacing: Sequence[f
                       realism: float = 1.0) -> dict[str, Any]:
     """``ctsynth interpolate``'s work on a thick series of ``shape`` voxels at ``spacing`` mm (a phantom's
     ``factor``-slice slab averages, with ``realism``), back to ``spacing[2] / factor`` mm with ``method``: seconds
-    and the process's peak resident memory during each phase (``interpolate``, ``fit``, ``refine``), and the PSNR gain over cubic against the phantom's thin series (3D, [-1000, 1000] HU). ``peak_memory_mb`` is the
-    largest phase peak: the command's own, without the phantom's making (Linux; elsewhere the process's peak)."""
+    and the process's peak resident memory during each phase (``interpolate``, ``fit``, ``refine``), and the PSNR
+    gain over cubic against the phantom's thin series (3D, [-1000, 1000] HU). ``peak_memory_mb`` is the largest
+    phase peak: the command's own, without the phantom's making (Linux; elsewhere the process's peak)."""
     from ctsynth.metrics import compute_image_metrics
     from ctsynth.phantoms import slab_average, thorax_phantom
     from ctsynth.slices import interpolate_study

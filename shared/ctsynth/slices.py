@@ -45,7 +45,7 @@ from ctsynth.transforms import scale_hu, unscale_hu
 
 __all__ = ["INTERPOLATION_MODES", "resample_axis", "box_average_along", "slice_positions", "slab_extent_grid", "thin_grid_offset_mm",
            "interpolate_slices",
-           "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
+           "interpolate_onto", "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "common_slice_spacing_mm", "refiner_pairs", "RefinerPatchDataset",
            "CubicToGridd", "RefinerInferer", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume",
            "save_refiner", "load_refiner",
@@ -171,6 +171,14 @@ def interpolate_slices(volume: MetaTensor, spacing_mm: float | None = None, fact
     data = data.as_tensor() if isinstance(data, MetaTensor) else data
     out = resample_axis(data[0], axis, positions.float(), mode)[None]
     return MetaTensor(out, affine=new_aff)
+
+
+def interpolate_onto(thick: MetaTensor, thin: MetaTensor, mode: str = "cubic") -> MetaTensor:
+    """``thick`` interpolated along its slice axis onto ``thin``'s slice grid (spacing, count and first slice from
+    the affines; the same in-plane grid), as :func:`interpolate_slices` does: (1, X, Y, Z_thin) with ``thin``'s
+    slice positions."""
+    return interpolate_slices(thick, spacing_mm=slice_spacing_mm(thin), count=int(thin.shape[3]),
+                              offset_mm=thin_grid_offset_mm(thick, thin), mode=mode)
 
 
 def degrade_along(volume: MetaTensor, factor: int, axis: int, mode: str = "cubic") -> MetaTensor:
@@ -589,9 +597,7 @@ def refiner_pairs(thick: MetaTensor, thin: MetaTensor, in_plane: bool = True) ->
     """A (thick, thin) study's training pairs for a paired refiner: the thick series interpolated (cubic) onto the
     thin grid against the thin series, coronal and sagittal (:func:`paired_pairs`), and with ``in_plane`` the thick
     series' own in-plane pairs at the thin spacing (:func:`self_supervised_pairs`)."""
-    up = interpolate_slices(thick, spacing_mm=slice_spacing_mm(thin), count=int(thin.shape[3]),
-                            offset_mm=thin_grid_offset_mm(thick, thin))
-    pairs = paired_pairs(up, thin)
+    pairs = paired_pairs(interpolate_onto(thick, thin), thin)
     return pairs + self_supervised_pairs(thick, spacing_mm=slice_spacing_mm(thin)) if in_plane else pairs
 
 
@@ -642,7 +648,7 @@ class RefinerPatchDataset(torch.utils.data.Dataset):
 
 class CubicToGridd(MapTransform):
     """Interpolates ``key`` (a thick series) with cubic onto the slice grid of ``ref_key`` (its thin series, the same
-    in-plane grid) as ``output_key``: the input a refiner refines on that grid (:func:`interpolate_slices`)."""
+    in-plane grid) as ``output_key``: the input a refiner refines on that grid (:func:`interpolate_onto`)."""
 
     def __init__(self, key: str, ref_key: str, output_key: str) -> None:
         super().__init__([key])
@@ -650,9 +656,7 @@ class CubicToGridd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        thick, thin = d[self.key], d[self.ref_key]
-        d[self.output_key] = interpolate_slices(thick, spacing_mm=slice_spacing_mm(thin), count=int(thin.shape[3]),
-                                                offset_mm=thin_grid_offset_mm(thick, thin))
+        d[self.output_key] = interpolate_onto(d[self.key], d[self.ref_key])
         return d
 
 

@@ -34,7 +34,7 @@ from ctsynth.maisi import ct_to_unit, unit_to_ct
 from ctsynth.metrics import compute_image_metrics, hu_fidelity, summarise_hu_fidelity
 from ctsynth.plots import save_reformat_png
 from ctsynth.prepare import load_datalist, slice_spacing_mm
-from ctsynth.slices import (fit_self_supervised_refiner, interpolate_slices, load_refiner, refine_volume,
+from ctsynth.slices import (fit_self_supervised_refiner, interpolate_onto, load_refiner, refine_volume,
                             thick_consistency, thin_grid_offset_mm)
 
 from .inference import SliceInterpolator
@@ -83,12 +83,6 @@ class SliceInterpEvaluation:
         self.samples, self.refiner_path, self.ss_steps, self.seed = int(samples), refiner_path, int(self_supervised_steps), seed
         self._refiner = None
 
-    @staticmethod
-    def _refined(model, thick: MetaTensor, spacing: float, count: int, offset: float) -> MetaTensor:
-        """``model``'s refinement of the cubic interpolation of ``thick`` onto the thin grid."""
-        return refine_volume(model, interpolate_slices(thick, spacing_mm=spacing, count=count, offset_mm=offset),
-                             progress=False)
-
     def predict(self, method: str, thick: MetaTensor, thin: MetaTensor,
                 done: dict[str, MetaTensor] | None = None) -> MetaTensor:
         """``method``'s thin volume (HU) on ``thin``'s grid (``done``: this case's predictions so far, reused by
@@ -99,7 +93,7 @@ class SliceInterpEvaluation:
             return thick_consistency(pred if pred is not None else self.predict(base, thick, thin), thick)
         sn, n, offset = slice_spacing_mm(thin), int(thin.shape[3]), thin_grid_offset_mm(thick, thin)
         if method in ("linear", "cubic"):
-            return interpolate_slices(thick, spacing_mm=sn, count=n, offset_mm=offset, mode=method)
+            return interpolate_onto(thick, thin, mode=method)
         if method == "vae_ceiling":
             rec = self.interpolator.codec.reconstruct(ct_to_unit(thin.as_tensor().float())[None])
             return MetaTensor(unit_to_ct(rec)[0].cpu(), affine=thin.affine)
@@ -107,9 +101,10 @@ class SliceInterpEvaluation:
             return self.interpolator(thick, sn, self.samples, count=n, offset_mm=offset, seed=self.seed)[0]
         if method == "refiner":
             self._refiner = self._refiner or load_refiner(self.refiner_path)
-            return self._refined(self._refiner, thick, sn, n, offset)
-        model = fit_self_supervised_refiner(thick, steps=self.ss_steps, seed=self.seed, progress=False, spacing_mm=sn)
-        return self._refined(model, thick, sn, n, offset)
+            model = self._refiner
+        else:
+            model = fit_self_supervised_refiner(thick, steps=self.ss_steps, seed=self.seed, progress=False, spacing_mm=sn)
+        return refine_volume(model, interpolate_onto(thick, thin), progress=False)
 
     def run(self) -> dict[str, Any]:
         entries = load_datalist(self.datalist, self.split)
