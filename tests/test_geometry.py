@@ -116,3 +116,25 @@ def test_backprojection_in_slabs_equals_one_pass():
     (ga,) = torch.autograd.grad(one.sum(), feats)
     (gb,) = torch.autograd.grad(slabs.sum(), feats)
     assert torch.allclose(ga, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cone", "parallel"])
+def test_one_bright_detector_pixel_lights_exactly_the_voxels_on_its_ray(kind):
+    """Each voxel receives the features of the detector point it projects to: a radiograph whose only non-zero
+    pixel is (row 7, column 11) lights the voxels whose projection falls within one pixel of it (bilinear
+    sampling), with weight (1 - |dr|)(1 - |dc|), and no other voxel."""
+    from ctsynth.geometry import backproject_features, voxel_world_coordinates
+
+    g = ProjectionGeometry(angles_deg=[0.0], sid_mm=1000.0, sdd_mm=1200.0, detector_shape=(16, 20),
+                           pixel_spacing_mm=6.0, kind=kind)
+    aff = torch.diag(torch.tensor([4.0, 4.0, 4.0, 1.0], dtype=torch.float64))
+    aff[:3, 3] = -30.0
+    feats = torch.zeros(1, 1, 1, 16, 20, dtype=torch.float64)
+    feats[0, 0, 0, 7, 11] = 1.0
+    lit = backproject_features(feats, [g], aff[None], (16, 16, 16))[0, 0]  # mean over the one view
+    rc = g.project_points(voxel_world_coordinates(aff, (16, 16, 16)).reshape(-1, 3))[0].reshape(16, 16, 16, 2)
+    dr, dc = (rc[..., 0] - 7).abs(), (rc[..., 1] - 11).abs()
+    expected = ((1 - dr).clamp_min(0) * (1 - dc).clamp_min(0)).to(lit.dtype)
+    assert int((expected > 0).sum()) >= 16  # the ray crosses the grid
+    assert torch.allclose(lit, expected, atol=1e-6)
+    assert float(lit[expected == 0].abs().max()) == 0.0  # nothing off the ray

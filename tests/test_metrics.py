@@ -136,3 +136,60 @@ def test_hu_fidelity_empty_region_and_summary():
     assert s["soft_tissue_shift_hu"] == pytest.approx(1.0) and s["lung_shift_hu"] is None
     with pytest.raises(ValueError, match="differ in size"):
         hu_fidelity(t, t[:2])
+
+
+@pytest.mark.parametrize("scores, labels, auc, se", [
+    # 3 positives, 2 negatives: 5 of the 6 pairs ordered; V10 = (1, 1, 1/2), V01 = (2/3, 1):
+    # var = var(V10) / 3 + var(V01) / 2 = (1/12) / 3 + (1/18) / 2 = 1/18
+    ([0.9, 0.8, 0.4, 0.7, 0.3], [1, 1, 1, 0, 0], 5 / 6, (1 / 18) ** 0.5),
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75, None),
+    ([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1], 0.0, 0.0),
+    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 0.5, 0.0),  # ties count one half
+])
+def test_roc_auc_ci_on_constructed_cases(scores, labels, auc, se):
+    from ctsynth.metrics import roc_auc_ci
+
+    r = roc_auc_ci(scores, labels)
+    assert r["auc"] == pytest.approx(auc) and r["n"] == len(labels) and r["positives"] == sum(labels)
+    if se is not None:
+        assert r["se"] == pytest.approx(se)
+    assert r["ci_low"] == pytest.approx(max(0.0, r["auc"] - 1.959964 * r["se"]), abs=1e-6)
+    assert r["ci_high"] == pytest.approx(min(1.0, r["auc"] + 1.959964 * r["se"]), abs=1e-6)
+
+
+def test_roc_auc_ci_matches_the_pairwise_definition_and_monai():
+    from monai.metrics import compute_roc_auc
+
+    from ctsynth.metrics import roc_auc_ci
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(60, generator=g).round(decimals=1)  # with ties
+    y = (torch.rand(60, generator=g) < s).long()
+    r = roc_auc_ci(s.tolist(), y.tolist())
+    pos, neg = s[y == 1].double(), s[y == 0].double()
+    psi = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()  # m x n
+    v10, v01 = psi.mean(1), psi.mean(0)
+    var = float(v10.var() / len(pos) + v01.var() / len(neg))
+    assert r["auc"] == pytest.approx(float(psi.mean())) == pytest.approx(float(compute_roc_auc(s.double(), y)))
+    assert r["se"] == pytest.approx(var ** 0.5)
+    boot = roc_auc_ci(s.tolist(), y.tolist(), method="bootstrap", n_bootstrap=300, seed=1)
+    assert boot == roc_auc_ci(s.tolist(), y.tolist(), method="bootstrap", n_bootstrap=300, seed=1)  # seeded
+    assert boot["ci_low"] < r["auc"] < boot["ci_high"] and boot["ci_high"] - boot["ci_low"] == pytest.approx(
+        r["ci_high"] - r["ci_low"], rel=0.3)  # both near 2 x 1.96 se
+    wide = roc_auc_ci(s.tolist(), y.tolist(), level=0.99)
+    assert wide["ci_low"] < r["ci_low"] and wide["ci_high"] > r["ci_high"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scores": [0.1, 0.2], "labels": [0, 1, 1]}, "2 scores for 3 labels"),
+    ({"scores": [0.1, 0.2], "labels": [0, 2]}, "labels must be 0 or 1"),
+    ({"scores": [0.1, float("nan")], "labels": [0, 1]}, "finite"),
+    ({"scores": [0.1, 0.2], "labels": [0, 1], "level": 1.0}, "level must be in"),
+    ({"scores": [0.1, 0.2], "labels": [0, 1], "method": "hanley"}, "method must be one of"),
+])
+def test_roc_auc_ci_refuses_bad_input(kwargs, match):
+    from ctsynth.metrics import roc_auc_ci
+
+    with pytest.raises(ValueError, match=match):
+        roc_auc_ci(**kwargs)
+    assert roc_auc_ci([0.2, 0.3], [1, 1]) is None  # one class: undefined

@@ -143,15 +143,6 @@ def test_decoding_snaps_latents_to_codes():
     assert torch.allclose(out, vq.decode(codes).clamp(0, 1)[..., :7], atol=1e-6)
 
 
-@pytest.mark.parametrize("scores, labels, expected", [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),
-    ([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1], 0.0),
-    ([0.2, 0.3], [1, 1], None),
-])
-def test_roc_auc_on_constructed_cases(scores, labels, expected):
-    assert _judge.roc_auc(scores, labels) == (pytest.approx(expected) if expected is not None else None)
-
-
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
@@ -189,6 +180,10 @@ def test_judged_generation_reports_auc_and_image_metrics(stage2):
     s = report["summary"]
     assert s["cases"] == len(load_datalist(root / "data" / "datalist.json", "test")) and s["window_hu"] == [-1000.0, 1000.0]
     assert np.isfinite(s["psnr"]) and -1 <= s["ssim"] <= 1 and "auc_real" in s and "auc_generated" in s
+    assert s["n_judged"] == s["labelled_cases"] and {"auc_real_ci", "auc_generated_ci"} <= set(s)
+    for name in ("real", "generated"):  # an interval around each defined AUC, or none without one
+        auc, ci = s[f"auc_{name}"], s[f"auc_{name}_ci"]
+        assert (ci is None) if auc is None else (0 <= ci[0] <= auc <= ci[1] <= 1)
     assert s["minus_mean_volume_psnr_db"] == pytest.approx(s["psnr"] - s["mean_volume_psnr"])
     assert all(0 <= c["p_pe_real"] <= 1 and 0 <= c["p_pe_generated"] <= 1 for c in report["cases"])
     gen = load_volume(report["cases"][0]["written"])

@@ -392,6 +392,8 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
                                       abs(large_report["patchwise_minus_whole_db"])) <= 0.3,
         "generated_psnr_db": gen["psnr"], "generated_minus_mean_volume_db": gen.get("minus_mean_volume_psnr_db"),
         "auc_real": gen.get("auc_real"), "auc_generated": gen.get("auc_generated"),
+        "auc_real_ci": gen.get("auc_real_ci"), "auc_generated_ci": gen.get("auc_generated_ci"),
+        "n_judged": gen.get("n_judged"),
         "within_15_min": timings["total_s"] <= 900,
     }
     summary = {"prepared": prep, "shape": side, "spacing_mm": spacing, "timings": timings, "checks": checks,

@@ -2,7 +2,8 @@
 
 A 3D PE classifier (a MONAI network, trained on real CTPA by ``train_classifier.json``) scores the real test
 volumes and the volumes generated from their X-rays: if generation keeps the findings, the AUC on generated
-volumes approaches the AUC on real ones. Alongside: PSNR / SSIM / MAE of each generated volume against its
+volumes approaches the AUC on real ones (each AUC with its DeLong 95 % interval, ``ctsynth.metrics.roc_auc_ci``,
+and ``n_judged``, the labelled volumes it rests on). Alongside: PSNR / SSIM / MAE of each generated volume against its
 paired real CTPA (3D, [-1000, 1000] HU, data range 2000) next to the same metrics of the training set's mean
 volume (the floor any X-ray-conditioned model must beat), tri-planar previews of the first cases, and the
 generated volumes themselves.
@@ -22,25 +23,15 @@ from tqdm.auto import tqdm
 
 from ctsynth.engine import load_network_weights
 from ctsynth.io import load_volume, save_nifti
-from ctsynth.metrics import compute_image_metrics, write_metrics_report
+from ctsynth.metrics import compute_image_metrics, roc_auc_ci, write_metrics_report
 from ctsynth.prepare import load_datalist, resample_to_shape
 from ctsynth.transforms import scale_hu
 
 from .generate import CTPAGenerator
 
-__all__ = ["roc_auc", "PEScorer", "GenerationJudge"]
+__all__ = ["PEScorer", "GenerationJudge"]
 
 logger = logging.getLogger(__name__)
-
-
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    """Area under the ROC curve (MONAI's ``compute_roc_auc``); None when ``labels`` hold one class only (the
-    AUC is undefined)."""
-    from monai.metrics import compute_roc_auc
-
-    if len(set(int(v) for v in labels)) < 2:
-        return None
-    return float(compute_roc_auc(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels, dtype=torch.long)))
 
 
 class PEScorer:
@@ -138,9 +129,11 @@ class GenerationJudge:
         labelled = [c for c in cases if c.get("label") is not None and "p_pe_real" in c]
         if self.scorer is not None:
             labels = [int(c["label"]) for c in labelled]
-            summary.update(labelled_cases=len(labelled), positives=sum(labels),
-                           auc_real=roc_auc([c["p_pe_real"] for c in labelled], labels),
-                           auc_generated=roc_auc([c["p_pe_generated"] for c in labelled], labels))
+            summary.update(labelled_cases=len(labelled), n_judged=len(labelled), positives=sum(labels))
+            for name in ("real", "generated"):  # DeLong 95 % intervals
+                auc = roc_auc_ci([c[f"p_pe_{name}"] for c in labelled], labels)
+                summary[f"auc_{name}"] = auc["auc"] if auc else None
+                summary[f"auc_{name}_ci"] = [auc["ci_low"], auc["ci_high"]] if auc else None
             if summary["auc_real"] is None:
                 summary["auc_note"] = (f"AUC undefined: the {self.split!r} split's labelled cases hold one class only "
                                        f"({len(labelled)} cases, {sum(labels)} with PE)")
