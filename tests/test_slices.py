@@ -86,7 +86,7 @@ def test_self_supervised_pairs_learn_the_target_grid_and_profile():
     thick = MetaTensor(vol.as_tensor()[:, :35], affine=grid_affine((35, 31, 5), (0.5, 0.5, 2.5)))
     low, sharp, _, _ = self_supervised_pairs(thick)[0]
     assert torch.allclose(low, degrade_along(thick, 5, 0).as_tensor(), atol=1e-3) and torch.allclose(sharp, thick, atol=1e-4)
-    with pytest.raises(ValueError, match="not at least twice the pixel spacing 0.50 mm and the target spacing 3.50"):
+    with pytest.raises(ValueError, match="at least twice the pixel spacing 0.50 mm and 1.5 times the target spacing 3.50"):
         self_supervised_pairs(vol, spacing_mm=3.5)
     with pytest.raises(ValueError, match="holds two 4.5 mm slabs"):
         self_supervised_pairs(MetaTensor(vol.as_tensor()[:, :12, :12], affine=aff))

@@ -176,11 +176,15 @@ def test_judged_generation_reports_auc_and_image_metrics(stage2):
     ckpt = str(root / "models" / "ldm.pt")
     report = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
         **common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), **CLASSIFIER_TINY, "eval_steps": 2,
-        "eval_previews": 1})[0]
+        "eval_previews": 1, "eval_guidance_sweep": [1.0, 3.0]})[0]
     s = report["summary"]
     assert s["cases"] == len(load_datalist(root / "data" / "datalist.json", "test")) and s["window_hu"] == [-1000.0, 1000.0]
     assert np.isfinite(s["psnr"]) and -1 <= s["ssim"] <= 1 and "auc_real" in s and "auc_generated" in s
     assert s["n_judged"] == s["labelled_cases"] and {"auc_real_ci", "auc_generated_ci"} <= set(s)
+    sweep = {r["guidance"]: r for r in s["guidance_sweep"]}  # every case again at each scale, same seeds
+    assert set(sweep) == {1.0, 3.0} and all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 for r in sweep.values())
+    assert s["guidance_spread_db"] == pytest.approx(abs(sweep[1.0]["psnr"] - sweep[3.0]["psnr"]))
+    assert s["guidance"] == 3.0 and sweep[3.0]["psnr"] == pytest.approx(s["psnr"], abs=1e-4)  # same scale, seeds
     for name in ("real", "generated"):  # an interval around each defined AUC, or none without one
         auc, ci = s[f"auc_{name}"], s[f"auc_{name}_ci"]
         assert (ci is None) if auc is None else (0 <= ci[0] <= auc <= ci[1] <= 1)

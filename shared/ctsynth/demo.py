@@ -368,7 +368,7 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     ckpt = str(root / "models" / "ldm.pt")
     gen = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
         **common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), **CTPA_DEMO_CLASSIFIER,
-        "eval_steps": int(sched["steps"])})[0]["summary"]
+        "eval_steps": int(sched["steps"]), "eval_guidance_sweep": [1.0, 3.0, 5.0]})[0]["summary"]
     timings["evaluate_generation_s"] = time.perf_counter() - t
 
     t = time.perf_counter()  # the user's path: a PNG chest X-ray through `ctsynth generate`'s bundle run
@@ -394,6 +394,8 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
         "auc_real": gen.get("auc_real"), "auc_generated": gen.get("auc_generated"),
         "auc_real_ci": gen.get("auc_real_ci"), "auc_generated_ci": gen.get("auc_generated_ci"),
         "n_judged": gen.get("n_judged"),
+        "guidance_sweep_psnr_db": {f"{r['guidance']:g}": r["psnr"] for r in gen.get("guidance_sweep", [])},
+        "guidance_spread_db": gen.get("guidance_spread_db"),
         "within_15_min": timings["total_s"] <= 900,
     }
     summary = {"prepared": prep, "shape": side, "spacing_mm": spacing, "timings": timings, "checks": checks,

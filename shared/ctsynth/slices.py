@@ -43,9 +43,8 @@ from ctsynth.prepare import slice_spacing_mm
 from ctsynth.runtime import peak_rss_mb, reset_peak_rss
 from ctsynth.transforms import scale_hu, unscale_hu
 
-__all__ = ["INTERPOLATION_MODES", "resample_axis", "box_average_along", "slice_positions", "slab_extent_grid", "thin_grid_offset_mm",
-           "interpolate_slices",
-           "interpolate_onto", "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
+__all__ = ["INTERPOLATION_MODES", "resample_axis", "box_average_along", "slice_positions", "slab_extent_grid",
+           "thin_grid_offset_mm", "interpolate_slices", "interpolate_onto", "degrade_along", "thick_consistency", "self_supervised_pairs", "paired_pairs",
            "SliceRefiner", "fit_refiner", "common_slice_spacing_mm", "refiner_pairs", "RefinerPatchDataset",
            "CubicToGridd", "RefinerInferer", "fit_self_supervised_refiner", "fit_paired_refiner", "refine_volume",
            "save_refiner", "load_refiner",
@@ -277,8 +276,8 @@ def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2,
     (SMORE's in-plane rotation augmentation was tried and cost 2 dB on the demo phantoms: not offered.)
 
     Raises:
-        ValueError: the slices are not at least twice the pixels or the target spacing (nothing to learn), or no
-            in-plane axis holds two slabs.
+        ValueError: the slices are not at least twice the pixels and 1.5 times the target spacing (nothing to
+            learn), or no in-plane axis holds two slabs.
     """
     aff = torch.as_tensor(thick.affine, dtype=torch.float64)
     sp = [float(aff[:3, i].norm()) for i in range(3)]
@@ -286,9 +285,10 @@ def self_supervised_pairs(thick: MetaTensor, slice_axis: int = 2,
     slab_mm = sp[slice_axis]
     target = [float(spacing_mm) if spacing_mm is not None else sp[i] for i in in_plane]
     if round(slab_mm / min(sp[i] for i in in_plane)) < 2 or slab_mm / max(target) < 1.5:
-        raise ValueError(f"slice spacing {slab_mm:.2f} mm is not at least twice the pixel spacing "
-                         f"{min(sp[i] for i in in_plane):.2f} mm and the target spacing {max(target):.2f} mm; "
-                         "self-supervised training has nothing to learn")
+        raise ValueError(f"slice spacing {slab_mm:.2f} mm must be at least twice the pixel spacing "
+                         f"{min(sp[i] for i in in_plane):.2f} mm and 1.5 times the target spacing "
+                         f"{max(target):.2f} mm; "
+                         "self-supervised training has nothing to learn otherwise: interpolate with cubic")
     data = torch.as_tensor(thick).float()[0]
     data = data.as_tensor() if isinstance(data, MetaTensor) else data
     pairs = []
@@ -441,7 +441,7 @@ def fit_refiner(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], st
 
 def _plane_stacks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]],
                   window: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each pair's (degraded, sharp) planes in ``window``'s [0, 1], rows along the degraded axis (see :func:`_planes`)."""
+    """Each pair's (degraded, sharp) planes in ``window``'s [0, 1], rows along the degraded axis (:func:`_planes`)."""
     stacks = []
     for low, high, axis, normal in pairs:
         lo = scale_hu(torch.as_tensor(low).float()[0], window)
@@ -593,7 +593,8 @@ def common_slice_spacing_mm(volumes: Sequence[MetaTensor], sources: Sequence[Any
     return next(iter(spacings))
 
 
-def refiner_pairs(thick: MetaTensor, thin: MetaTensor, in_plane: bool = True) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
+def refiner_pairs(thick: MetaTensor, thin: MetaTensor,
+                  in_plane: bool = True) -> list[tuple[MetaTensor, MetaTensor, int, int]]:
     """A (thick, thin) study's training pairs for a paired refiner: the thick series interpolated (cubic) onto the
     thin grid against the thin series, coronal and sagittal (:func:`paired_pairs`), and with ``in_plane`` the thick
     series' own in-plane pairs at the thin spacing (:func:`self_supervised_pairs`)."""

@@ -73,14 +73,21 @@ class GenerationJudge:
         samples / seed: samples per X-ray (their mean is judged) and the noise seed.
         previews: tri-planar PNGs (real, generated, |error|) of the first this many cases.
         baseline_split: split whose mean volume is the baseline (None: no baseline).
+        guidance_sweep: guidance scales at which every case is generated again (same seeds) and scored, to show
+            how much the X-ray steers the model (``summary["guidance_sweep"]``: mean PSNR / SSIM / MAE per scale,
+            and ``guidance_spread_db``, the largest minus the smallest mean PSNR); empty: none.
     """
 
     def __init__(self, generator: CTPAGenerator, scorer: PEScorer | None, datalist: str | Path, output_dir: str | Path,
                  split: str = "test", samples: int = 1, seed: int = 0, previews: int = 3,
-                 baseline_split: str | None = "training") -> None:
+                 baseline_split: str | None = "training", guidance_sweep: Sequence[float] = ()) -> None:
         self.generator, self.scorer, self.baseline_split = generator, scorer, baseline_split
         self.datalist, self.split, self.out = Path(datalist), split, Path(output_dir)
         self.samples, self.seed, self.previews = int(samples), int(seed), int(previews)
+        self.guidance_sweep = [float(g) for g in guidance_sweep]
+        bad = [g for g in self.guidance_sweep if not 0.0 <= g <= 50.0]
+        if bad:
+            raise ValueError(f"guidance_sweep scales must be in [0, 50], got {bad}")
 
     def mean_volume(self) -> torch.Tensor | None:
         """Voxel-wise mean (1, X, Y, Z) HU of the baseline split's volumes (None when they differ in shape)."""
@@ -93,6 +100,29 @@ class GenerationJudge:
             total, n = (v if total is None else total + v), n + 1
         return (total / n).float() if n else None
 
+    def _generate(self, entry: dict[str, Any], index: int, real: MetaTensor) -> MetaTensor:
+        """The mean of ``samples`` volumes generated from ``entry``'s X-ray (seed ``seed + index``), on ``real``'s
+        grid and in its frame (for viewing side by side)."""
+        gen, _ = self.generator.generate_file(entry["xray"], self.samples, self.seed + index)
+        if tuple(gen.shape[1:]) != tuple(real.shape[1:]):
+            gen = resample_to_shape(gen, real.shape[1:])
+        return MetaTensor(gen.as_tensor(), affine=real.affine)
+
+    def _sweep(self, entries: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """Mean PSNR / SSIM / MAE (3D, [-1000, 1000] HU) of every case generated at each ``guidance_sweep`` scale."""
+        sampler = self.generator.sampler
+        kept, rows = sampler.guidance, []
+        try:
+            for g in self.guidance_sweep:
+                sampler.guidance = g
+                scores = [compute_image_metrics(self._generate(e, i, real := load_volume(e["image"])), real,
+                                                window=(-1000, 1000))
+                          for i, e in enumerate(tqdm(entries, desc=f"guidance {g:g}", unit="case"))]
+                rows.append({"guidance": g, **{k: sum(s[k] for s in scores) / len(scores) for k in ("psnr", "ssim", "mae")}})
+        finally:
+            sampler.guidance = kept
+        return rows
+
     def run(self) -> dict[str, Any]:
         from ctsynth.plots import save_triplanar_png
 
@@ -103,10 +133,7 @@ class GenerationJudge:
         cases = []
         for i, e in enumerate(tqdm(entries, desc=f"generate {self.split}", unit="case")):
             real = load_volume(e["image"])
-            gen, _ = self.generator.generate_file(e["xray"], self.samples, self.seed + i)
-            if tuple(gen.shape[1:]) != tuple(real.shape[1:]):
-                gen = resample_to_shape(gen, real.shape[1:])
-            gen = MetaTensor(gen.as_tensor(), affine=real.affine)  # the real volume's frame, for viewing side by side
+            gen = self._generate(e, i, real)
             row: dict[str, Any] = {"id": e.get("id"), "label": e.get("label"),
                                    "written": str(save_nifti(gen, self.out / "generated" / f"{e.get('id', i)}.nii.gz")),
                                    **compute_image_metrics(gen, real, window=(-1000, 1000))}
@@ -126,6 +153,10 @@ class GenerationJudge:
         summary.update(cases=len(cases), window_hu=[-1000.0, 1000.0], data_range_hu=2000.0, mode="3d",
                        steps=self.generator.sampler.num_inference_steps, guidance=self.generator.sampler.guidance,
                        samples=self.samples)
+        if self.guidance_sweep:
+            summary["guidance_sweep"] = self._sweep(entries)
+            psnrs = [r["psnr"] for r in summary["guidance_sweep"]]
+            summary["guidance_spread_db"] = max(psnrs) - min(psnrs)
         labelled = [c for c in cases if c.get("label") is not None and "p_pe_real" in c]
         if self.scorer is not None:
             labels = [int(c["label"]) for c in labelled]
