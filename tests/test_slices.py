@@ -412,3 +412,21 @@ def test_gradient_sampling_draws_crops_with_edges():
     assert edged(weights) > 0.6 and edged(None) < 0.05  # uniform: 91 of the 3498 crops hold the edge
     with pytest.raises(ValueError, match="sampling must be"):
         fit_refiner([(sharp[0:1, 0], sharp[0:1, 0], 0, 2)], steps=1, sampling="edges")
+
+
+def test_interpolate_study_leaves_the_process_peak_alone_unless_asked():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("this system cannot reset a process's peak memory")
+    # a fresh process whose peak holds a freed 256 MiB block; only a call that asks for phases resets it
+    code = ("import numpy as np, torch; from monai.data import MetaTensor; from ctsynth.phantoms import grid_affine; "
+            "from ctsynth.runtime import peak_rss_mb; from ctsynth.slices import interpolate_study; "
+            "v = MetaTensor(torch.zeros(1, 8, 8, 4), affine=grid_affine((8, 8, 4), (1.0, 1.0, 5.0))); "
+            "a = np.ones(2 ** 25); del a; before = peak_rss_mb(); interpolate_study(v, 1.0, 'cubic'); "
+            "kept = peak_rss_mb(); interpolate_study(v, 1.0, 'cubic', phases={}); print(before, kept, peak_rss_mb())")
+    before, kept, reset = (float(v) for v in subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                            text=True, check=True).stdout.split())
+    assert kept >= before and reset < before - 200

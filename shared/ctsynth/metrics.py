@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
+from scipy.stats import rankdata
 
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 
@@ -323,8 +324,6 @@ def roc_auc_ci(scores: Sequence[float], labels: Sequence[int], level: float = 0.
         ValueError: lengths differ, labels other than 0 / 1, non-finite scores, ``level`` outside (0, 1) or an
             unknown ``method``.
     """
-    from scipy.stats import rankdata  # scipy: a dependency; imported where it is used, as torch's metrics are not
-
     if method not in AUC_CI_METHODS:
         raise ValueError(f"method must be one of {AUC_CI_METHODS}, got {method!r}")
     if not 0.0 < float(level) < 1.0:

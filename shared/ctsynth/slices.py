@@ -738,7 +738,7 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
         raise ValueError(f"method must be one of {STUDY_METHODS}, got {method!r}")
     if method == "refiner" and not model:
         raise ValueError("method 'refiner' needs a refiner file (saved by --save-model / save_refiner)")
-    log = phases if phases is not None else {}
+    log = phases
     count, offset = slab_extent_grid(volume, spacing_mm)
     if method in INTERPOLATION_MODES:
         with _phase(log, "interpolate"):
@@ -763,9 +763,13 @@ def interpolate_study(volume: MetaTensor, spacing_mm: float, method: str = "cubi
 
 
 @contextlib.contextmanager
-def _phase(log: dict[str, dict[str, float]], name: str) -> Iterator[None]:
-    """Records the seconds a phase took and the peak resident memory of the process during it (MiB; where the
-    peak cannot be reset, since the process started)."""
+def _phase(log: dict[str, dict[str, float]] | None, name: str) -> Iterator[None]:
+    """Records in ``log`` the seconds a phase took and the peak resident memory of the process during it (MiB;
+    where the peak cannot be reset, since the process started). Without ``log`` it measures nothing and leaves
+    the process's peak alone."""
+    if log is None:
+        yield
+        return
     reset_peak_rss()
     t0 = time.perf_counter()
     yield
