@@ -138,3 +138,33 @@ def test_one_bright_detector_pixel_lights_exactly_the_voxels_on_its_ray(kind):
     assert int((expected > 0).sum()) >= 16  # the ray crosses the grid
     assert torch.allclose(lit, expected, atol=1e-6)
     assert float(lit[expected == 0].abs().max()) == 0.0  # nothing off the ray
+
+
+@pytest.mark.parametrize("extent, size, pixel", [((320.0, 240.0, 300.0), 64, 6.5), ((200.0, 200.0, 400.0), 100, 5.2)])
+def test_radiograph_geometry_covers_the_field_of_view(extent, size, pixel):
+    """The detector side is 1.3x the larger of the left-right and superior-inferior extents; the isocentre is the
+    centre given (default the origin)."""
+    from ctsynth.geometry import radiograph_geometry
+
+    g = radiograph_geometry(extent, size)
+    assert g.detector_shape == (size, size) and g.angles_deg.tolist() == [0.0]
+    assert g.pixel_spacing_mm.tolist() == pytest.approx([pixel, pixel])
+    assert g.isocenter_mm.tolist() == [0.0, 0.0, 0.0]
+    assert radiograph_geometry(extent, size, center_mm=[1.0, 2.0, 3.0], views="ap,lateral").num_views == 2
+    with pytest.raises(ValueError, match="3 positive sizes"):
+        radiograph_geometry((10.0, 0.0, 10.0), size)
+
+
+def test_detector_sampling_grid_maps_the_isocentre_to_the_detector_centre():
+    """grid_sample coordinates: the isocentre lands at (0, 0); a voxel to the patient's left moves to +x (columns),
+    one superior to -y (row 0 is superior); off-detector voxels fall outside [-1, 1]."""
+    from ctsynth.geometry import detector_sampling_grid
+    from ctsynth.phantoms import grid_affine
+
+    g = ProjectionGeometry(angles_deg=[0.0], detector_shape=(32, 32), pixel_spacing_mm=10.0, kind="parallel")
+    grid = detector_sampling_grid(g, grid_affine((3, 3, 3), 100.0), (3, 3, 3))[0]  # voxels at -100, 0, 100 mm
+    assert grid.shape == (3, 3, 3, 2) and grid[1, 1, 1].abs().max() < 1e-6
+    assert grid[2, 1, 1, 0] > 0 and grid[1, 1, 2, 1] < 0 and grid[1, 1, 1].tolist() == pytest.approx(grid[1, 0, 1].tolist())
+    assert grid[2, 1, 1, 0] == pytest.approx(100.0 / 160.0)  # 100 mm of a 320 mm wide detector's half-width 160
+    far = detector_sampling_grid(g, grid_affine((3, 3, 3), 300.0), (3, 3, 3))[0]
+    assert far[2, 1, 1, 0] > 1

@@ -33,7 +33,8 @@ from torch import nn
 from ctsynth.atomic import atomic_write_json
 
 __all__ = ["NAMED_VIEWS", "BEAM_KINDS", "ProjectionGeometry", "parse_views", "check_finite", "volume_center", "volume_extent_mm",
-           "voxel_world_coordinates", "cube_affine", "backproject_features"]
+           "voxel_world_coordinates", "cube_affine", "radiograph_geometry", "detector_sampling_grid",
+           "backproject_features"]
 
 #: Named views and their gantry angle in degrees.
 NAMED_VIEWS: dict[str, float] = {"ap": 0.0, "lateral": 90.0, "pa": 180.0, "lateral-right": 270.0}
@@ -418,6 +419,54 @@ class ProjectionGeometry(nn.Module):
     __hash__ = nn.Module.__hash__
 
 
+def radiograph_geometry(extent_mm: Sequence[float], detector_size: int, center_mm: Sequence[float] | None = None,
+                        views: str | int | Sequence[str | float] = "ap", margin: float = 1.3, **kwargs: Any
+                        ) -> ProjectionGeometry:
+    """The geometry of radiographs of a field of view: isocentre at its centre, a square detector of
+    ``detector_size`` pixels whose side covers ``margin`` times the larger of the field's left-right and
+    superior-inferior extents (the AP view's two detector axes).
+
+    Args:
+        extent_mm: (3,) field of view along x, y, z (mm), e.g. :func:`volume_extent_mm`.
+        detector_size: detector pixels per side.
+        center_mm: (3,) isocentre; default the origin.
+        views: see :func:`parse_views`.
+        margin: detector side / larger in-plane extent.
+        kwargs: the other :class:`ProjectionGeometry` arguments (``kind``, ``sid_mm``, ``sdd_mm``).
+    """
+    ext = [float(e) for e in extent_mm]
+    if len(ext) != 3 or min(ext) <= 0:
+        raise ValueError(f"extent_mm must be 3 positive sizes in mm, got {list(extent_mm)}")
+    center = [0.0, 0.0, 0.0] if center_mm is None else center_mm
+    return ProjectionGeometry(angles_deg=parse_views(views), detector_shape=(int(detector_size), int(detector_size)),
+                              pixel_spacing_mm=max(ext[0], ext[2]) * float(margin) / int(detector_size),
+                              isocenter_mm=center, **kwargs)
+
+
+def detector_sampling_grid(geometry: ProjectionGeometry, affine: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+    """Where each voxel of a grid projects on every view's detector, as ``grid_sample`` coordinates.
+
+    ``out[v, i, j, k]`` is (x, y) = (column, row) of voxel (i, j, k)'s centre on view ``v``'s detector,
+    normalised to [-1, 1] across the detector (``align_corners=False``: -1 and 1 are the detector's outer
+    edges); voxels projecting off the detector get coordinates outside [-1, 1]. Sampling a feature map that
+    covers the detector at these coordinates gives every voxel the features of the ray through it.
+
+    Args:
+        geometry: V views.
+        affine: (4, 4) voxel -> RAS mm of the grid.
+        grid_shape: (S0, S1, S2).
+
+    Returns:
+        (V, S0, S1, S2, 2) float32.
+    """
+    s0, s1, s2 = (int(n) for n in grid_shape)
+    world = voxel_world_coordinates(torch.as_tensor(affine, dtype=torch.float64), (s0, s1, s2)).reshape(-1, 3)
+    rows, cols = geometry.detector_shape
+    rc = geometry.project_points(world.to(geometry.angles_deg.device))  # V, N, 2 (row, col) in detector pixels
+    grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
+    return grid.reshape(geometry.num_views, s0, s1, s2, 2).float()
+
+
 def backproject_features(
     features: torch.Tensor,
     geometries: Sequence[ProjectionGeometry],
@@ -451,16 +500,13 @@ def backproject_features(
             raise ValueError(f"geometry {i} has {g.num_views} views, the radiographs have {v}")
         aff = torch.as_tensor(affines[i], dtype=torch.float64, device=features.device)
         g = g.to(features.device)
-        rows, cols = g.detector_shape
         fused = torch.empty((2 * c, s0, s1, s2), dtype=features.dtype, device=features.device)
         for start in range(0, s0, step):
             n0 = min(step, s0 - start)
             slab_aff = aff.clone()
             slab_aff[:3, 3] = aff[:3, 3] + start * aff[:3, 0]  # the slab's first voxel
-            world = voxel_world_coordinates(slab_aff, (n0, s1, s2)).reshape(-1, 3)
-            rc = g.project_points(world)  # V, N, 2 (row, col) in detector pixels
-            grid = torch.stack([(2 * rc[..., 1] + 1) / cols - 1, (2 * rc[..., 0] + 1) / rows - 1], -1)
-            sampled = F.grid_sample(features[i], grid[:, None].to(features.dtype), mode="bilinear",
+            grid = detector_sampling_grid(g, slab_aff, (n0, s1, s2)).reshape(v, 1, -1, 2)
+            sampled = F.grid_sample(features[i], grid.to(features.dtype), mode="bilinear",
                                     padding_mode="zeros", align_corners=False)[:, :, 0]  # V, C, N
             sampled = sampled.reshape(v, c, n0, s1, s2)
             fused[:c, start:start + n0] = sampled.mean(0)
