@@ -33,6 +33,27 @@ def test_contrast_and_emboli():
         thorax_phantom((32, 32, 32), 8.0, emboli=2.0)
 
 
+def _filling_defect_voxels(seed, sites):
+    """Voxels the emboli darken by more than 100 HU (the same patient with and without them), 64^3 at 5 mm."""
+    with_pe, info = thorax_phantom((64, 64, 64), 5.0, seed=seed, contrast=True, emboli=1.0, emboli_sites=sites)
+    without, _ = thorax_phantom((64, 64, 64), 5.0, seed=seed, contrast=True, emboli=0.0, emboli_sites=sites)
+    defect = (without.as_tensor() - with_pe.as_tensor()) > 100
+    return info.emboli, int(defect.sum()), defect
+
+
+@pytest.mark.parametrize("seed, lobar, central", [(0, 5, 28), (1, 3, 26), (2, 7, 14), (4, 5, 9)])
+def test_central_emboli_are_visible_filling_defects_at_5mm(seed, lobar, central):
+    """Pinned counts: central emboli (one in a main pulmonary artery) darken more contrast-filled voxels than the
+    default lobar ones."""
+    n_lobar, v_lobar, _ = _filling_defect_voxels(seed, "lobar")
+    n_central, v_central, defect = _filling_defect_voxels(seed, "central")
+    assert (v_lobar, v_central) == (lobar, central) and n_lobar == n_central >= 1
+    x = defect.nonzero()[:, 1].float()  # a main artery runs beside the mediastinum: defect voxels near the midline
+    assert float((x - 31.5).abs().min()) < 8
+    with pytest.raises(ValueError, match="emboli_sites must be one of"):
+        thorax_phantom((32, 32, 32), 8.0, emboli_sites="peripheral")
+
+
 def test_noise_and_partial_volume():
     clean, _ = thorax_phantom((40, 40, 32), 6.0, seed=0)
     noisy, _ = thorax_phantom((40, 40, 32), 6.0, seed=0, noise_hu=20.0)

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-__all__ = ["scanner_appearance", "TISSUE_HU", "PhantomInfo", "grid_affine", "thorax_phantom", "slab_average", "SDFPainter"]
+__all__ = ["EMBOLI_SITES", "scanner_appearance", "TISSUE_HU", "PhantomInfo", "grid_affine", "thorax_phantom", "slab_average", "SDFPainter"]
 
 #: Typical CT numbers (HU) per tissue; each phantom jitters them slightly.
+#: where :func:`thorax_phantom` places emboli
+EMBOLI_SITES = ("lobar", "central")
 TISSUE_HU: dict[str, float] = {
     "air": -1000.0,
     "lung": -850.0,
@@ -207,6 +209,7 @@ def thorax_phantom(
     detail: float = 0.0,
     keep_proportions: bool = False,
     realism: float = 0.0,
+    emboli_sites: str = "lobar",
 ) -> tuple[MetaTensor, PhantomInfo]:
     """Generates a random thorax phantom in HU.
 
@@ -217,6 +220,11 @@ def thorax_phantom(
         contrast: iodine contrast in the pulmonary arteries and right heart (CTPA).
         emboli: probability that the phantom has pulmonary emboli (filling defects; needs ``contrast``
             to be visible, present either way).
+        emboli_sites: where the 1-3 emboli lodge (:data:`EMBOLI_SITES`), each a filling defect of 0.75 x its
+            artery's radius over 35 % of the artery's length: ``lobar`` in the lobar arteries and their first
+            branches (radii about 6 and 4 mm before scaling: one to two voxels at 5 mm), ``central``: one in the
+            left or right main pulmonary artery (about 12-14 mm across, as central emboli are), the others in
+            lobar arteries.
         noise_hu: standard deviation of added Gaussian noise (HU).
         fit_fov: shrink the anatomy to fit a field of view smaller than an adult thorax: x and y to the in-plane
             field of view, z on its own to the depth (so the anatomy is stretched or squashed along z).
@@ -248,6 +256,8 @@ def thorax_phantom(
         raise ValueError(f"spacing must be > 0 mm, got {spacing}")
     if not 0.0 <= emboli <= 1.0:
         raise ValueError(f"emboli is a probability in [0, 1], got {emboli}")
+    if emboli_sites not in EMBOLI_SITES:
+        raise ValueError(f"emboli_sites must be one of {EMBOLI_SITES}, got {emboli_sites!r}")
     if detail < 0:
         raise ValueError(f"detail must be >= 0 (0: none, 1: about a dozen peripheral vessel trees per lung), got {detail}")
     if not 0.0 <= realism <= 10.0:
@@ -299,9 +309,11 @@ def thorax_phantom(
     trunk = [P(-2, 52, -25), P(2, 30, 30)]
     p.polyline(trunk, 13 * sxy, pa_hu)
     segments: list[tuple[np.ndarray, np.ndarray, float, int]] = []
+    main_arteries: list[tuple[np.ndarray, np.ndarray, float, int]] = []
     for side, (lc, lr) in zip((-1, 1), lungs):
         hilum = P(side * 48, 6, 25)
         p.capsule(trunk[1], hilum, 9 * sxy, pa_hu)
+        main_arteries.append((np.asarray(trunk[1], float), np.asarray(hilum, float), 9 * sxy, 4))
         _vessel_tree(rng, hilum, np.array([side * 1.0, -0.1, 0.2]), 48 * sxy, 6.0 * sxy, 3, lc, lr, segments)
         _vessel_tree(rng, hilum, np.array([side * 0.7, 0.1, -0.9]), 48 * sxy, 6.0 * sxy, 3, lc, lr, segments)
     for a, b, rad, _ in segments:
@@ -310,9 +322,14 @@ def thorax_phantom(
     n_emboli = 0
     if rng.uniform() < emboli:
         n_emboli = int(rng.integers(1, 4))
-        big = [s for s in segments if s[3] >= 2]
-        for idx in rng.choice(len(big), size=min(n_emboli, len(big)), replace=False):
-            a, b, rad, _ = big[idx]
+        if emboli_sites == "lobar":
+            big = [s for s in segments if s[3] >= 2]
+            sites = [big[i] for i in rng.choice(len(big), size=min(n_emboli, len(big)), replace=False)]
+        else:  # one main pulmonary artery, the others in lobar arteries
+            lobar = [s for s in segments if s[3] >= 3]
+            sites = [main_arteries[int(rng.integers(0, 2))]] + [
+                lobar[i] for i in rng.choice(len(lobar), size=min(n_emboli - 1, len(lobar)), replace=False)]
+        for a, b, rad, _ in sites:
             t0 = rng.uniform(0.1, 0.5)
             p.capsule(a + (b - a) * t0, a + (b - a) * (t0 + 0.35), max(rad * 0.75, 0.6 * p.h), hu["embolus"])
     # airways: trachea and main bronchi (air with a wall)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 from ctsynth.drr import DRRProjector
-from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, volume_center, volume_extent_mm,
-                              voxel_world_coordinates)
+from ctsynth.geometry import (ProjectionGeometry, cube_affine, parse_views, radiograph_geometry, volume_center,
+                              volume_extent_mm, voxel_world_coordinates)
 from ctsynth.io import (VolumeReadError, check_outputs, is_nifti, load_projection, load_volume, save_nifti,
                         save_projection_nifti)
 
@@ -543,10 +543,8 @@ def prepare_ctpa(studies: str | Path, out: str | Path, shape: Sequence[int] | No
                 save_projection_nifti(img, case_dir / "xray.nii.gz", info.get("pixel_spacing_mm") or [1.0, 1.0])
                 entry.update(xray_source="paired", xray_file=str(paired))
             else:
-                extent = volume_extent_mm(vol.affine, vol.shape[1:])
-                geom = ProjectionGeometry(angles_deg=[0.0], detector_shape=(xray_size, xray_size),
-                                          pixel_spacing_mm=max(extent[0], extent[2]) * 1.3 / xray_size,
-                                          isocenter_mm=volume_center(vol.affine, vol.shape[1:]))
+                geom = radiograph_geometry(volume_extent_mm(vol.affine, vol.shape[1:]), xray_size,
+                                           volume_center(vol.affine, vol.shape[1:]))
                 with torch.no_grad():
                     li = DRRProjector(geom)(vol[None], vol.affine)[0]
                 save_projection_nifti(li[0], case_dir / "xray.nii.gz", geom.pixel_spacing_mm.tolist())
@@ -566,8 +564,9 @@ def prepare_ctpa(studies: str | Path, out: str | Path, shape: Sequence[int] | No
 
 
 def write_phantom_ctpa_studies(out: str | Path, n: int = 8, shape: Sequence[int] = (64, 64, 48), spacing_mm: float = 5.0,
-                               emboli: float = 0.5, seed: int = 0) -> Path:
-    """CTPA-like phantoms (iodine contrast in the pulmonary arteries, emboli in about ``emboli`` of them) as
+                               emboli: float = 0.5, seed: int = 0, emboli_sites: str = "central") -> Path:
+    """CTPA-like phantoms (iodine contrast in the pulmonary arteries, emboli in about ``emboli`` of them, lodged at
+    ``emboli_sites``: see :func:`ctsynth.phantoms.thorax_phantom`; ``central`` ones are visible at 5 mm) as
     ``OUT/studies/<id>.nii.gz`` with ``OUT/labels.csv`` (PE present or not): the input :func:`prepare_ctpa` takes."""
     from ctsynth.phantoms import thorax_phantom
 
@@ -575,7 +574,8 @@ def write_phantom_ctpa_studies(out: str | Path, n: int = 8, shape: Sequence[int]
     check_outputs(files=[out / "datalist.json"])  # an output path that is a file stops here, before any work
     rows = ["id,label"]
     for i in range(int(n)):
-        vol, info = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 3000 + i, contrast=True, emboli=emboli)
+        vol, info = thorax_phantom(tuple(shape), spacing_mm, seed=seed + 3000 + i, contrast=True, emboli=emboli,
+                                   emboli_sites=emboli_sites)
         save_nifti(vol, out / "studies" / f"ctpa_{i:03d}.nii.gz")
         rows.append(f"ctpa_{i:03d},{int(bool(info.emboli))}")
     atomic_write_text("\n".join(rows) + "\n", out / "labels.csv")
