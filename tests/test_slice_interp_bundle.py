@@ -135,7 +135,8 @@ def trained(tmp_path_factory):
               "num_workers": 0, "autoencoder_args": AE, "vgg_random_init": True}
     run_bundle("slice_interp_ldm", ["train_autoencoder.json"], "training", {
         **common, "epochs": 1, "patch_size": [16, 16, 16], "val_patch_size": [32, 32, 32], "adversarial_start": 1,
-        "discriminator#channels": 4, "discriminator#num_layers_d": 2, "pixel_loss": "mse"})
+        "discriminator#channels": 4, "discriminator#num_layers_d": 2, "pixel_loss": "mse",
+        "lr_final_fraction": 0.1})
     over = {**common, **UNET, "epochs": 1, "crop_depth": 8, "sampler_window": 8, "val_steps": 2,
             "image_loss_interval": 1, "codec_chunk": 16}
     monai_bundle_run("slice_interp_ldm", "training", ["train.json"], over)
@@ -151,6 +152,7 @@ def test_training_writes_checkpoints_cache_and_resumes(trained):
     assert ae_meta["network_config"] == AE  # the autoencoder file rebuilds itself
     ae_hist = json.loads((root / "eval" / "autoencoder" / "history.json").read_text())["epochs"][-1]
     assert {"loss_mse", "loss_kl", "loss_adv"} <= set(ae_hist) and "loss_l1" not in ae_hist  # pixel_loss is wired
+    assert ae_hist["lr"] == pytest.approx(1e-5)  # cosine decay over the epochs to lr_final_fraction x 1e-4
     index = json.loads((root / "data" / "latents" / "index.json").read_text())
     assert index["signature"]["conditioning"] == "latent" and index["scale_factor"] == pytest.approx(meta["scale_factor"])
     first = torch.load(root / "models" / "diffusion" / "checkpoint_last.pt", weights_only=True)["trainer"]
