@@ -459,7 +459,7 @@ def test_fuzz_checkpoint_meta(tmp_path):
     targets = {"scripts.conditioning.XrayConditionedDenoiser": type("Net", (), {"__init__": lambda self, **kw: None})}
     rng = random.Random(1)
     leaves = [0, 1, -3, 2.5, 1e9, float("nan"), float("inf"), True, None, "epsilon", "sample", "$x", "@y", "%z", "a#b",
-              "x::y", "_target_", "scaled_linear_beta", "ok-word", "' or 1", [1, 2, 3], [256, 256, 64]]
+              "x::y", "_target_", "scaled_linear_beta", "ok-word", "' or 1", [1, 2, 3], [256, 256, 64], "diffusion"]
 
     def value(depth=0):
         r = rng.random()
@@ -471,7 +471,7 @@ def test_fuzz_checkpoint_meta(tmp_path):
 
     keys = [*rules["fields"], "network_target", "network_config", "other"]
     passed = 0
-    for _ in range(500):
+    for _ in range(2000):
         meta = {k: value() for k in rng.sample(keys, rng.randint(1, len(keys)))}
         if rng.random() < 0.7:
             meta["scale_factor"] = rng.choice([1.0, 0.5, "$x", -1.0])

@@ -63,7 +63,10 @@ def test_evaluation_and_reconstruction(trained, tmp_path):
     assert s["window_hu"] == [-1000.0, 1000.0] and 0 < s["codebook_usage_pct"] <= 100 and s["perplexity"] >= 1
     assert s["psnr_whole"] is not None and s["patchwise_minus_whole_db"] is not None and s["seam_ratio_patchwise"] > 0
     assert s["norm_stats"] == "volume"  # train.json: a model trained on whole volumes
-    assert (root / "eval" / "metrics.md").is_file()
+    assert (root / "eval" / "metrics.md").is_file() and s["cases"] == len(report["cases"]) >= 1
+    first = run_bundle("xray2ctpa_vqgan", ["train.json", "evaluate.json"], "evaluate", {
+        **over, "eval_roi_size": [16, 16, 16], "eval_max_cases": 1, "output_dir": str(tmp_path / "one")})[0]
+    assert first["summary"]["cases"] == 1 and first["cases"][0]["id"] == report["cases"][0]["id"]
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
     rec = run_bundle("xray2ctpa_vqgan", ["reconstruct.json"], "inference", {
         **{k: v for k, v in over.items() if k.startswith("network_def")}, "models_dir": str(root / "models"),

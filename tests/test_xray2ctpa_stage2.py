@@ -37,11 +37,16 @@ DENOISER_TINY = {"network_def#xray_channels": [8, 16], "network_def#token_dim": 
 CLASSIFIER_TINY = {"classifier_def#block_inplanes": [4, 8, 8, 8]}
 
 
-def _denoiser(seed=0, **kw):
-    """A tiny denoiser whose zero-initialised parts (MONAI's output convolution, the null context) are random, so
+#: the generation grid of the tiny denoisers: 16^3 voxels of 5 mm, VQ-GAN downsample 4 (4^3 latents), 32-pixel X-rays
+RAY_GRID = {"volume_shape": [16, 16, 16], "spacing_mm": [5.0, 5.0, 5.0], "downsample": 4, "xray_size": 32}
+
+
+def _denoiser(seed=0, conditioning="tokens", **kw):
+    """A tiny denoiser whose zero-initialised parts (MONAI's output convolution, the null condition) are random, so
     outputs depend on every input."""
     torch.manual_seed(seed)
-    net = _cond.XrayConditionedDenoiser(8, xray_channels=[8, 16], token_dim=16, token_grid=4, **UNET, **kw).eval()
+    net = _cond.XrayConditionedDenoiser(8, xray_channels=[8, 16], token_dim=16, token_grid=4, conditioning=conditioning,
+                                        ray_grid=RAY_GRID, ray_channels=[8], aligned_channels=4, **UNET, **kw).eval()
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
@@ -57,15 +62,64 @@ def test_xray_encoder_tokens_any_detector_size():
         enc(torch.rand(2, 3, 32, 32))
 
 
-def test_dropped_items_see_the_null_context():
-    net = _denoiser()
+@pytest.mark.parametrize("conditioning", _cond.CONDITIONING_MODES)
+def test_dropped_items_see_the_null_condition(conditioning):
+    net = _denoiser(conditioning=conditioning)
     x, t, xray = torch.randn(2, 8, 4, 4, 4), torch.tensor([10, 10]), torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         dropped = net(x, t, xray=xray, drop=torch.tensor([True, False]))
-        uncond = net(x, t, context=net.context(None, 2))
+        uncond = net(x, t, condition=net.condition(None, (4, 4, 4), 2))
         cond = net(x, t, xray=xray)
     assert torch.allclose(dropped[0], uncond[0], atol=1e-5) and torch.allclose(dropped[1], cond[1], atol=1e-5)
     assert not torch.allclose(cond[0], uncond[0], atol=1e-3)
+    expected = ({"tokens"} if "tokens" in conditioning else set()) | ({"features"} if "aligned" in conditioning else set())
+    assert set(net.condition(xray, (4, 4, 4))) == expected
+
+
+def _latent_centres_mm(n, f, spacing):
+    """World positions of latent voxel centres along one axis of a grid of n voxels centred on 0 (independently
+    of RayFeatures: latent voxel j covers volume voxels j*f ... j*f + f - 1)."""
+    return [(j * f + (f - 1) / 2 - (n - 1) / 2) * spacing for j in range(n // f)]
+
+
+@pytest.mark.parametrize("pixel", [(16, 16), (9, 20), (25, 6)])
+def test_ray_features_one_bright_pixel_lights_exactly_the_voxels_on_its_ray(pixel):
+    """The identity 'feature map' (the X-ray itself) with one bright pixel: a latent voxel is lit iff its centre
+    projects within one pixel of that pixel's centre (bilinear), with the weight of that distance."""
+    rays = _cond.RayFeatures(**RAY_GRID)
+    xray = torch.zeros(1, 1, 32, 32)
+    xray[0, 0, pixel[0], pixel[1]] = 1.0
+    lit = rays(xray, (4, 4, 4))[0, 0]
+    centres = [_latent_centres_mm(16, 4, 5.0)] * 3
+    pts = torch.tensor([[x, y, z] for x in centres[0] for y in centres[1] for z in centres[2]], dtype=torch.float64)
+    rc = rays.geometry.project_points(pts)[0]  # (64, 2) row, col
+    d = (rc - torch.tensor(pixel, dtype=torch.float64)).abs()
+    expected = ((1 - d[:, 0]).clamp_min(0) * (1 - d[:, 1]).clamp_min(0)).reshape(4, 4, 4)
+    assert torch.allclose(lit.double(), expected, atol=1e-5)
+    assert lit.sum() > 0 or expected.sum() == 0
+
+
+def test_ray_features_follow_the_ap_view():
+    """AP: a voxel's detector column grows with x (patient right on the viewer's left), its row falls as z grows
+    (row 0 superior); a map covering the whole detector reaches every voxel."""
+    rays = _cond.RayFeatures(**RAY_GRID)
+    cols = torch.arange(32.0).view(1, 1, 1, 32).expand(1, 1, 32, 32)
+    rows = torch.arange(32.0).view(1, 1, 32, 1).expand(1, 1, 32, 32)
+    c, r = rays(cols, (4, 4, 4))[0, 0], rays(rows, (4, 4, 4))[0, 0]
+    assert (c[1:] > c[:-1]).all() and (r[..., 1:] < r[..., :-1]).all()  # x -> columns up, z (superior) -> rows down
+    assert rays(torch.ones(1, 3, 32, 32), (4, 4, 4)).min() > 0.99  # the detector covers the field of view
+
+
+def test_aligned_denoiser_needs_its_grid_and_tokens_need_attention():
+    with pytest.raises(ValueError, match="give ray_grid"):
+        _cond.XrayConditionedDenoiser(8, conditioning="aligned", **UNET)
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        _cond.XrayConditionedDenoiser(8, conditioning="rays", ray_grid=RAY_GRID, **UNET)
+    net = _cond.XrayConditionedDenoiser(8, conditioning="aligned", ray_grid=RAY_GRID, ray_channels=[8],
+                                        aligned_channels=4, **{**UNET, "attention_levels": [False, False]})
+    assert net.config["ray_grid"]["volume_shape"] == [16, 16, 16] and not hasattr(net, "xray_encoder")
+    rebuilt = _cond.XrayConditionedDenoiser(**net.config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -99,6 +153,22 @@ def test_guidance_zero_ignores_the_xray_and_one_is_the_conditional_model():
     assert guided.shape == (1, 8, 4, 4, 4) and not torch.allclose(guided, cond_a, atol=1e-4)
     with pytest.raises(ValueError, match="guidance must be >= 0"):
         _sampler(net, -1.0)
+
+
+@pytest.mark.parametrize("conditioning", ["aligned", "tokens"])
+def test_regression_objective_is_one_pass_from_zero_latents(conditioning):
+    """The deterministic baseline ignores noise and guidance: net(0, T - 1 | X-ray), the same conditioning."""
+    net = _denoiser(conditioning=conditioning)
+    sched = DDIMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    xray = torch.rand(1, 1, 32, 32)
+    outs = [_diff.GuidedSampler(net, sched, num_inference_steps=4, guidance=g, progress=False, objective="regression")(
+        xray, (4, 4, 4), noise=torch.randn(1, 8, 4, 4, 4, generator=torch.Generator().manual_seed(k)))
+        for k, g in ((0, 1.0), (1, 5.0))]
+    with torch.no_grad():
+        direct = net(torch.zeros(1, 8, 4, 4, 4), torch.tensor([999]), xray=xray)
+    assert torch.allclose(outs[0], outs[1]) and torch.allclose(outs[0], direct, atol=1e-6)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        _diff.GuidedSampler(net, sched, objective="gan")
 
 
 def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly():
@@ -184,16 +254,35 @@ def test_judged_generation_reports_auc_and_image_metrics(stage2):
     sweep = {r["guidance"]: r for r in s["guidance_sweep"]}  # every case again at each scale, same seeds
     assert set(sweep) == {1.0, 3.0} and all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 for r in sweep.values())
     assert s["guidance_spread_db"] == pytest.approx(abs(sweep[1.0]["psnr"] - sweep[3.0]["psnr"]))
-    assert s["guidance"] == 3.0 and sweep[3.0]["psnr"] == pytest.approx(s["psnr"], abs=1e-4)  # same scale, seeds
+    assert s["guidance"] == 1.0 and sweep[1.0]["psnr"] == pytest.approx(s["psnr"], abs=1e-4)  # same scale, seeds
     for name in ("real", "generated"):  # an interval around each defined AUC, or none without one
         auc, ci = s[f"auc_{name}"], s[f"auc_{name}_ci"]
         assert (ci is None) if auc is None else (0 <= ci[0] <= auc <= ci[1] <= 1)
     assert s["minus_mean_volume_psnr_db"] == pytest.approx(s["psnr"] - s["mean_volume_psnr"])
+    assert np.isfinite(s["vqgan_ceiling_psnr"]) and all("vqgan_ceiling" in c for c in report["cases"])
     assert all(0 <= c["p_pe_real"] <= 1 and 0 <= c["p_pe_generated"] <= 1 for c in report["cases"])
     gen = load_volume(report["cases"][0]["written"])
     assert tuple(gen.shape) == (1, 32, 32, 24)
     assert (root / "eval" / "generation" / "metrics.md").is_file()
     assert len(list((root / "eval" / "generation" / "previews").glob("*.png"))) == 1
+
+
+def test_regression_baseline_trains_through_its_override_and_is_judged(stage2):
+    """regression.json: the same network and conditioning trained to the clean latents, published apart, recorded
+    as such, and judged with one pass (no guidance sweep)."""
+    root, common = stage2
+    over = {**common, **DENOISER_TINY, "xray_size": 32, "epochs": 1, "val_steps": 2}
+    run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "regression.json"], "training", over)
+    ckpt = root / "models" / "regression.pt"
+    meta = read_checkpoint_meta(ckpt)
+    assert meta["objective"] == "regression" and (root / "models" / "ldm.pt").is_file()
+    assert meta["network_config"]["conditioning"] == "aligned+tokens"
+    report = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
+        **common, **checkpoint_settings("xray2ctpa_vqgan", str(ckpt), role="ldm"), **CLASSIFIER_TINY,
+        "ldm_checkpoint": str(ckpt), "eval_steps": 2, "eval_previews": 0, "eval_guidance_sweep": [1.0, 3.0],
+        "output_dir": str(root / "eval" / "regression_judge")})[0]
+    s = report["summary"]
+    assert s["objective"] == "regression" and "guidance_sweep" not in s and np.isfinite(s["psnr"])
 
 
 def test_ctsynth_generate_from_a_png(stage2, tmp_path):
@@ -255,9 +344,10 @@ def test_diffusion_trains_under_torchrun(stage2):
 def test_demo_runs_every_stage_and_reports_the_checks(tmp_path):
     from ctsynth.demo import DEMOS
 
-    tiny = {"vqgan": (1, 2, 2, 1e-3), "diffusion": (1, 2, 2, 1e-3), "classifier": (1, 0, 2, 1e-3), "steps": 2}
+    tiny = {"vqgan": (1, 2, 2, 1e-3), "diffusion": (1, 2, 2, 1e-3), "regression": (1, 2, 2, 1e-3),
+            "classifier": (1, 0, 2, 1e-3), "steps": 2}
     summary = DEMOS["xray2ctpa_vqgan"](tmp_path, n_cases=8, shape=(32, 32, 24), spacing=8.0, large_shape=(40, 40, 32),
-                                       schedule=tiny)
+                                       schedule=tiny, conditioning="aligned")
     saved = json.loads((tmp_path / "xray2ctpa_vqgan" / "metrics.json").read_text())
     assert saved["checks"] == summary["checks"] and set(saved["timings"]) >= {"train_vqgan_s", "total_s"}
     c = summary["checks"]
@@ -265,6 +355,16 @@ def test_demo_runs_every_stage_and_reports_the_checks(tmp_path):
     assert np.isfinite(c["patchwise_minus_whole_db_large"]) and summary["large_phantom"]["shape"] == [40, 40, 32]
     assert load_volume(summary["inference"]["written"]).shape == (1, 32, 32, 24)
     assert (tmp_path / "xray2ctpa_vqgan" / "eval" / "large_phantom.png").is_file()
+    assert c["conditioning"] == "aligned" and summary["regression"]["objective"] == "regression"
+    assert "auc_xray_only" in c and (tmp_path / "xray2ctpa_vqgan" / "models" / "xray_classifier.pt").is_file()
+    assert all(0 <= row["p_pe_xray_only"] <= 1 for row in json.loads(
+        (tmp_path / "xray2ctpa_vqgan" / "eval" / "generation" / "metrics.json").read_text())["cases"])
+    assert c["generated_minus_regression_db"] == pytest.approx(c["generated_psnr_db"] - c["regression_psnr_db"])
+    assert c["generated_minus_vqgan_ceiling_db"] == pytest.approx(c["generated_psnr_db"] - c["vqgan_ceiling_psnr_db"])
+    assert isinstance(c["generated_beats_mean_volume_by_2db"], bool) and c["n_judged"] == summary["generation"]["n_judged"]
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        DEMOS["xray2ctpa_vqgan"](tmp_path / "bad", conditioning="rays")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("volume, downsample, multiple", [((32, 32, 24), 4, 2), ((30, 33, 17), 4, 4), ((64, 64, 64), 8, 1)])

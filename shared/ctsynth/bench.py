@@ -373,10 +373,18 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
     if bundle not in DIFFUSION_BENCHES:
         raise ValueError(f"bundle must be one of {sorted(DIFFUSION_BENCHES)}, got {bundle!r}")
     config, module, cls = DIFFUSION_BENCHES[bundle]
-    spec = json.loads((Path(bundle_root(bundle)) / "configs" / config).read_text())["network_def"]
-    args = {k: v for k, v in spec.items() if k != "_target_" and not (isinstance(v, str) and v.startswith("$"))}
+    top = json.loads((Path(bundle_root(bundle)) / "configs" / config).read_text())
+    args = {}
+    for k, v in top["network_def"].items():  # plain arguments, and "@id" references to plain top-level values
+        if isinstance(v, str) and v.startswith("@") and not isinstance(top.get(v[1:]), (dict, list)):
+            v = top.get(v[1:], v)
+        if k != "_target_" and not (isinstance(v, str) and v[:1] in "$@"):
+            args[k] = v
     if bundle == "xray2ctpa_vqgan":
         args["latent_channels"] = int(latent_channels)
+        # the generation grid only places the rays (not the cost): 4x the latent grid at 1 mm
+        args["ray_grid"] = {"volume_shape": [4 * int(s) for s in latent_shape], "spacing_mm": [1.0, 1.0, 1.0],
+                            "downsample": 4, "xray_size": int(xray_size)}
     args.update(network or {})
     torch.manual_seed(0)
     net = getattr(bundle_module(bundle, module), cls)(**args).to(device)

@@ -307,12 +307,14 @@ class CLI:
         self.prepare = Prepare()
         self.bundle = BundleCommands()
 
-    def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0, realism: float = 0.0) -> None:
+    def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0, realism: float = 0.0,
+             conditioning: str | None = None) -> None:
         """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json. ``--realism 1``: the slice
-        interpolation demo's phantoms carry a routine chest CT's partial volume, texture and noise."""
+        interpolation demo's phantoms carry a routine chest CT's partial volume, texture and noise;
+        ``--conditioning aligned|tokens|aligned+tokens``: how the xray2ctpa demo's denoiser sees the X-ray."""
         from ctsynth.demo import run_demo
 
-        res = run_demo(out, bundle, n=n, seed=seed, realism=realism)
+        res = run_demo(out, bundle, n=n, seed=seed, realism=realism, conditioning=conditioning)
         _emit({name: str(Path(out) / name / "metrics.json") for name in res})
 
     def reconstruct(self, *xrays: str, geometry: str, out: str, checkpoint: str | None = None,
@@ -389,7 +391,7 @@ class CLI:
                                                           series_description=f"ctsynth {method} {spacing:g} mm"))
         _emit(report)
 
-    def generate(self, xray: str, out: str, steps: int = 50, guidance: float = 3.0, samples: int = 1, seed: int = 0,
+    def generate(self, xray: str, out: str, steps: int = 50, guidance: float = 1.0, samples: int = 1, seed: int = 0,
                  models_dir: str | None = None, checkpoint: str | None = None, vqgan: str | None = None,
                  dicom_out: str | None = None, preview: str | None = None, device: str | None = None) -> None:
         """Chest X-ray (PNG/JPEG/TIFF, DICOM or NIfTI) -> CT pulmonary angiography NIfTI (xray2ctpa_vqgan).

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ctsynth.atomic import atomic_write_json
 from ctsynth.drr import DRRProjector, display_image
+from ctsynth.engine import read_checkpoint_meta
 from ctsynth.geometry import ProjectionGeometry
 from ctsynth.io import save_nifti, save_projection_nifti
 from ctsynth.metrics import compute_image_metrics
@@ -279,23 +280,27 @@ CTPA_DEMO_VQGAN = {"network_def#channels": [32, 64], "network_def#num_res_blocks
                    "network_def#num_embeddings": 256, "network_def#embedding_dim": 16, "network_def#norm_groups": 8}
 CTPA_DEMO_DENOISER = {
     "network_def#xray_channels": [16, 32, 64], "network_def#token_dim": 64, "network_def#token_grid": 8,
+    "network_def#ray_channels": [16, 32], "network_def#aligned_channels": 8,
     "network_def#channels": [32, 64, 64], "network_def#attention_levels": [False, False, True],
     "network_def#num_res_blocks": 1, "network_def#num_head_channels": 16, "network_def#norm_num_groups": 16,
 }
 CTPA_DEMO_CLASSIFIER = {"classifier_def#block_inplanes": [8, 16, 32, 64]}
 CTPA_DEMO_SCHEDULE = {  # (epochs, iterations per epoch (0: all), batch size, learning rate) per model
-    "vqgan": (150, 0, 2, 1e-3), "diffusion": (20, 40, 4, 1e-3), "classifier": (15, 0, 4, 3e-4), "steps": 25,
+    "vqgan": (150, 8, 2, 1e-3), "diffusion": (20, 40, 4, 1e-3), "regression": (6, 40, 4, 1e-3),
+    "classifier": (15, 0, 4, 3e-4), "steps": 25, "vqgan_eval_cases": 4,
 }
 
 
-def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int] = (64, 64, 64), spacing: float = 5.0,
+def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 64, shape: Sequence[int] = (64, 64, 64), spacing: float = 5.0,
                          large_shape: Sequence[int] = (96, 96, 96), seed: int = 0,
-                         schedule: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+                         schedule: dict[str, Any] | None = None, conditioning: str | None = None,
+                         **_: Any) -> dict[str, Any]:
     """The xray2ctpa_vqgan bundle end to end on contrast phantoms (emboli in about half): prepare CTPA + DRR
     X-rays, train the VQ-GAN and evaluate it (whole volume and patch-wise, codebook usage), reconstruct a larger
     phantom patch-wise, train the X-ray-conditioned diffusion model and the PE classifier, judge generated
     volumes (PSNR/SSIM, AUC real vs generated) and generate one CTPA from a PNG X-ray with ``ctsynth generate``.
-    Writes ``OUT/xray2ctpa_vqgan/metrics.json``.
+    ``conditioning`` (``aligned``, ``tokens``, ``aligned+tokens``; None: the bundle's default) is how the X-ray
+    reaches the denoiser. Writes ``OUT/xray2ctpa_vqgan/metrics.json``.
     """
     from ctsynth.bundles import bundle_module, checkpoint_settings, run_bundle
     from ctsynth.io import load_projection, load_volume
@@ -303,13 +308,16 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     from ctsynth.prepare import load_datalist, prepare_ctpa, write_phantom_ctpa_studies
     from ctsynth.transforms import normalize_radiograph
 
+    modes = bundle_module("xray2ctpa_vqgan", "conditioning").CONDITIONING_MODES
+    if conditioning is not None and conditioning not in modes:
+        raise ValueError(f"conditioning must be one of {', '.join(modes)}, got {conditioning!r}")
     sched = {**CTPA_DEMO_SCHEDULE, **(schedule or {})}
     root = Path(out) / "xray2ctpa_vqgan"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     src = write_phantom_ctpa_studies(root / "src", n=n_cases, shape=shape, spacing_mm=spacing, emboli=0.5, seed=seed)
     prep = prepare_ctpa(src / "studies", root / "data", shape=shape, labels=src / "labels.csv", xray_size=int(shape[0]),
-                        fractions=(0.6, 0.1, 0.3), seed=seed)
+                        fractions=(0.45, 0.05, 0.5), seed=seed)  # half held out: >= 30 volumes for the judge's AUC
     timings["prepare_s"] = time.perf_counter() - t0
     common = {"dataset_dir": str(root / "data"), "models_dir": str(root / "models"), "output_dir": str(root / "eval"),
               "num_workers": 0, "seed": seed}
@@ -332,7 +340,8 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
     t = time.perf_counter()
     windows = [max(s * 3 // 4 // 8 * 8, 8) for s in side]  # 3/4 of the volume: 8 overlapping windows per volume
     vq_eval = run_bundle("xray2ctpa_vqgan", ["train.json", "evaluate.json"], "evaluate", {
-        **common, **vq, "output_dir": str(root / "eval" / "vqgan_test"), "eval_roi_size": windows})[0]["summary"]
+        **common, **vq, "output_dir": str(root / "eval" / "vqgan_test"), "eval_roi_size": windows,
+        "eval_max_cases": int(sched["vqgan_eval_cases"])})[0]["summary"]
     timings["evaluate_vqgan_s"] = time.perf_counter() - t
 
     t = time.perf_counter()  # a larger field of view than training, windows of the training size
@@ -360,16 +369,36 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
 
     # clean-latent prediction: a short run learns the conditional mean, where noise prediction is still noise
     ldm = {**CTPA_DEMO_DENOISER, "xray_size": int(shape[0]), "val_steps": 10, "val_interval": int(sched["diffusion"][0]),
-           "prediction_type": "sample"}
+           "prediction_type": "sample", **({"conditioning": conditioning} if conditioning else {})}
     train("train_diffusion.json", "diffusion", ldm)
+    # the deterministic baseline: the same network and conditioning regressed to the clean latents
+    epochs, iterations, batch, lr = sched["regression"]
+    t = time.perf_counter()
+    run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "regression.json"], "training", {
+        **common, **ldm, "epochs": int(epochs), "train#trainer#epoch_length": int(iterations), "batch_size": int(batch),
+        "learning_rate": float(lr), "val_interval": int(epochs)})
+    timings["train_regression_s"] = time.perf_counter() - t
     train("train_classifier.json", "classifier", CTPA_DEMO_CLASSIFIER)
+    epochs, iterations, batch, lr = sched["classifier"]  # the X-ray-only judge: the same network in 2D
+    t = time.perf_counter()
+    run_bundle("xray2ctpa_vqgan", ["train_classifier.json", "train_xray_classifier.json"], "training", {
+        **common, **CTPA_DEMO_CLASSIFIER, "xray_size": int(shape[0]), "epochs": int(epochs), "batch_size": int(batch),
+        "learning_rate": float(lr)})
+    timings["train_xray_classifier_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ckpt = str(root / "models" / "ldm.pt")
     gen = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
         **common, **checkpoint_settings("xray2ctpa_vqgan", ckpt, role="ldm"), **CTPA_DEMO_CLASSIFIER,
-        "eval_steps": int(sched["steps"]), "eval_guidance_sweep": [1.0, 3.0, 5.0]})[0]["summary"]
+        "eval_steps": int(sched["steps"]), "eval_guidance_sweep": [1.0, 3.0, 5.0],
+        "xray_classifier_checkpoint": str(root / "models" / "xray_classifier.pt")})[0]["summary"]
     timings["evaluate_generation_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    reg_ckpt = str(root / "models" / "regression.pt")
+    reg = run_bundle("xray2ctpa_vqgan", ["train_diffusion.json", "evaluate_generation.json"], "evaluate", {
+        **common, **checkpoint_settings("xray2ctpa_vqgan", reg_ckpt, role="ldm"), **CTPA_DEMO_CLASSIFIER,
+        "ldm_checkpoint": reg_ckpt, "eval_previews": 1, "output_dir": str(root / "eval" / "regression")})[0]["summary"]
+    timings["evaluate_regression_s"] = time.perf_counter() - t
 
     t = time.perf_counter()  # the user's path: a PNG chest X-ray through `ctsynth generate`'s bundle run
     case = load_datalist(root / "data" / "datalist.json", "test")[0]
@@ -391,15 +420,21 @@ def xray2ctpa_vqgan_demo(out: str | Path, n_cases: int = 24, shape: Sequence[int
         "patchwise_within_0.3db": max(abs(vq_eval["patchwise_minus_whole_db"]),
                                       abs(large_report["patchwise_minus_whole_db"])) <= 0.3,
         "generated_psnr_db": gen["psnr"], "generated_minus_mean_volume_db": gen.get("minus_mean_volume_psnr_db"),
+        "generated_beats_mean_volume_by_2db": (gen.get("minus_mean_volume_psnr_db") or -99.0) >= 2.0,
+        "mean_volume_psnr_db": gen.get("mean_volume_psnr"), "regression_psnr_db": reg["psnr"],
+        "generated_minus_regression_db": gen["psnr"] - reg["psnr"], "auc_regression": reg.get("auc_generated"),
+        "vqgan_ceiling_psnr_db": gen["vqgan_ceiling_psnr"], "generated_minus_vqgan_ceiling_db": gen["minus_vqgan_ceiling_psnr_db"],
         "auc_real": gen.get("auc_real"), "auc_generated": gen.get("auc_generated"),
         "auc_real_ci": gen.get("auc_real_ci"), "auc_generated_ci": gen.get("auc_generated_ci"),
-        "n_judged": gen.get("n_judged"),
+        "auc_xray_only": gen.get("auc_xray_only"), "auc_xray_only_ci": gen.get("auc_xray_only_ci"),
+        "n_judged": gen.get("n_judged"), "n_judged_ge_30": (gen.get("n_judged") or 0) >= 30,
+        "auc_real_ge_0.9": (gen.get("auc_real") or 0.0) >= 0.9, "conditioning": read_checkpoint_meta(ckpt).get("network_config", {}).get("conditioning", "tokens"),
         "guidance_sweep_psnr_db": {f"{r['guidance']:g}": r["psnr"] for r in gen.get("guidance_sweep", [])},
         "guidance_spread_db": gen.get("guidance_spread_db"),
         "within_15_min": timings["total_s"] <= 900,
     }
     summary = {"prepared": prep, "shape": side, "spacing_mm": spacing, "timings": timings, "checks": checks,
-               "vqgan": vq_eval, "large_phantom": large_report, "generation": gen, "inference": infer,
+               "vqgan": vq_eval, "large_phantom": large_report, "generation": gen, "regression": reg, "inference": infer,
                "metric_definition": "3D, [-1000, 1000] HU, data range 2000"}
     atomic_write_json(summary, root / "metrics.json")
     logger.info("xray2ctpa_vqgan demo: VQ-GAN %.2f dB (patch-wise %+.2f dB), usage %.0f %%; generated CTPA %.2f dB, "

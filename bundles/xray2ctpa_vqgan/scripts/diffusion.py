@@ -8,6 +8,10 @@ context with probability ``cond_dropout`` so one network learns both the conditi
 model. Sampling (:class:`GuidedSampler`): DDIM with classifier-free guidance,
 ``out = uncond + guidance * (cond - uncond)``; the sampled latents are snapped to the nearest codes
 (``quantize``) and decoded by the VQ-GAN.
+
+The ``regression`` objective (:data:`OBJECTIVES`) trains the same network with the same conditioning as a
+deterministic baseline: its input is zero latents at the last timestep and its target the clean latents (MSE),
+so it learns the conditional mean; "sampling" it is that one forward pass.
 """
 
 from __future__ import annotations
@@ -32,10 +36,24 @@ from ctsynth.transforms import pad_to_multiple
 
 from .vqgan import VQGAN3D
 
-__all__ = ["load_vqgan", "latent_shape_of", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
+__all__ = ["OBJECTIVES", "load_vqgan", "latent_shape_of", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
            "decode_latents", "GenerationValidation"]
 
 logger = logging.getLogger(__name__)
+#: what stage 2 learns: a diffusion model, or the deterministic regression baseline with the same conditioning
+OBJECTIVES = ("diffusion", "regression")
+
+
+def _check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def _regression_input(scheduler: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero latents, last timesteps) shaped like ``like``: the regression objective's fixed input."""
+    t = torch.full((like.shape[0],), int(scheduler.num_train_timesteps) - 1, device=like.device, dtype=torch.long)
+    return torch.zeros_like(like), t
 
 
 def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN3D:
@@ -132,13 +150,16 @@ class XrayDiffusionIteration:
         cond_dropout: probability of training an item on the null context.
         grad_clip / amp / accumulate / max_nonfinite: see ``ctsynth.engine.optimisation_step``.
         image_key / xray_key: batch keys of the (B, 1, X, Y, Z) CTPA in [0, 1] and the (B, 1, H, W) X-ray.
+        objective: one of :data:`OBJECTIVES` (``regression``: zero input at the last timestep, target the clean
+            latents, no dropout).
     """
 
     def __init__(self, scheduler: Any, vqgan: VQGAN3D, scale_factor: float = 1.0, cond_dropout: float = 0.1,
                  grad_clip: float | None = 1.0, amp: bool = False, accumulate: int = 1, max_nonfinite: int = 3,
-                 image_key: str = "image", xray_key: str = "xray") -> None:
+                 image_key: str = "image", xray_key: str = "xray", objective: str = "diffusion") -> None:
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout is a probability in [0, 1), got {cond_dropout}")
+        self.objective = _check_objective(objective)
         self.scheduler, self.vqgan, self.scale_factor, self.cond_dropout = scheduler, vqgan, float(scale_factor), cond_dropout
         self.grad_clip, self.amp, self.accumulate, self.max_nonfinite = grad_clip, amp, int(accumulate), max_nonfinite
         self.image_key, self.xray_key = image_key, xray_key
@@ -149,13 +170,19 @@ class XrayDiffusionIteration:
         z0 = encode_latents(self.vqgan, torch.as_tensor(batch[self.image_key]).to(device), net.multiple) * self.scale_factor
         xray = torch.as_tensor(batch[self.xray_key]).to(device).float()
         engine.network.train()
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device).long()
-        noisy = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-        drop = torch.rand(z0.shape[0], device=device) < self.cond_dropout
+        if self.objective == "regression":
+            noisy, t = _regression_input(self.scheduler, z0)
+            drop = torch.zeros(z0.shape[0], dtype=torch.bool, device=device)
+            target = z0
+        else:
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device).long()
+            noisy = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+            drop = torch.rand(z0.shape[0], device=device) < self.cond_dropout
+            target = diffusion_target(self.scheduler, z0, noise, t)
         with engine_autocast(engine, self.amp):
             out = engine.network(noisy, t, xray=xray, drop=drop).float()
-        loss = F.mse_loss(out, diffusion_target(self.scheduler, z0, noise, t))
+        loss = F.mse_loss(out, target)
         terms = {"mse": float(loss.detach()), "unconditional_fraction": float(drop.float().mean())}
         scaler = engine_amp(engine, self.amp)[2]
         norm = optimisation_step(engine, loss, engine.optimizer, trainable_parameters(engine.network), self.grad_clip,
@@ -173,10 +200,13 @@ class GuidedSampler:
         guidance: classifier-free guidance scale (1: conditional model only; 0: unconditional).
         eta: DDIM stochasticity.
         progress: progress bar over the steps.
+        objective: the network's (:data:`OBJECTIVES`); ``regression``: one forward pass from zero latents, whatever
+            the steps, guidance and noise.
     """
 
-    def __init__(self, network: nn.Module, scheduler: Any, num_inference_steps: int = 50, guidance: float = 3.0,
-                 eta: float = 0.0, progress: bool = True) -> None:
+    def __init__(self, network: nn.Module, scheduler: Any, num_inference_steps: int = 50, guidance: float = 1.0,
+                 eta: float = 0.0, progress: bool = True, objective: str = "diffusion") -> None:
+        self.objective = _check_objective(objective)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance < 0:
@@ -200,13 +230,16 @@ class GuidedSampler:
             noise = torch.randn((b, net.latent_channels, *shape), generator=generator,
                                 device="cpu" if generator is None else generator.device)
         x = noise.to(device)
-        cond = net.context(xray.float())
+        cond = net.condition(xray.float(), shape)
+        if self.objective == "regression":
+            zeros, t = _regression_input(self.scheduler, x)
+            return net(zeros, t, condition=cond)
         guided = self.guidance != 1.0
-        context = torch.cat([cond, net.context(None, b)]) if guided else cond
+        condition = net.cat_conditions(cond, net.condition(None, shape, b)) if guided else cond
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
         for t in tqdm(self.scheduler.timesteps, desc="DDIM", unit="step", disable=not self.progress, leave=False):
             inp = torch.cat([x, x]) if guided else x
-            out = net(inp, torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long), context=context)
+            out = net(inp, torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long), condition=condition)
             if guided:
                 c, u = out.chunk(2)
                 out = u + self.guidance * (c - u)
@@ -239,10 +272,13 @@ class GenerationValidation:
         scale_factor: the training latent scale factor.
         num_inference_steps / guidance: sampling settings.
         seed: fixed noise so epochs compare.
+        objective: the network's (:data:`OBJECTIVES`).
     """
 
     def __init__(self, scheduler: Any, vqgan: VQGAN3D, scale_factor: float = 1.0, num_inference_steps: int = 10,
-                 guidance: float = 3.0, seed: int = 0, image_key: str = "image", xray_key: str = "xray") -> None:
+                 guidance: float = 1.0, seed: int = 0, image_key: str = "image", xray_key: str = "xray",
+                 objective: str = "diffusion") -> None:
+        self.objective = _check_objective(objective)
         self.scheduler, self.vqgan, self.scale_factor = scheduler, vqgan, float(scale_factor)
         self.num_inference_steps, self.guidance, self.seed = num_inference_steps, guidance, seed
         self.image_key, self.xray_key = image_key, xray_key
@@ -254,6 +290,7 @@ class GenerationValidation:
         real = torch.as_tensor(batch[self.image_key]).to(device).float()
         shape = latent_shape_of(real.shape[-3:], self.vqgan.downsample, unwrap(engine.network).multiple)
         g = torch.Generator(device=device).manual_seed(self.seed)
-        sampler = GuidedSampler(engine.network, self.scheduler, self.num_inference_steps, self.guidance, progress=False)
+        sampler = GuidedSampler(engine.network, self.scheduler, self.num_inference_steps, self.guidance, progress=False,
+                                objective=self.objective)
         z = sampler(torch.as_tensor(batch[self.xray_key]).to(device).float(), shape, generator=g)
         return {Keys.PRED: decode_latents(self.vqgan, z, self.scale_factor, real.shape[-3:]), Keys.LABEL: real}

@@ -95,15 +95,19 @@ class VQGANReconstructor:
 
 class VQGANEvaluation(VQGANReconstructor):
     """The evaluation of a split (``run()``); arguments as :class:`VQGANReconstructor` plus ``datalist``,
-    ``output_dir`` and ``split``."""
+    ``output_dir``, ``split`` and ``max_cases`` (the split's first that many cases; None: all; the summary's
+    ``cases`` says how many were scored)."""
 
     def __init__(self, network: VQGAN3D, checkpoint: str | Path, datalist: str | Path, output_dir: str | Path,
-                 split: str = "test", **kwargs: Any) -> None:
+                 split: str = "test", max_cases: int | None = None, **kwargs: Any) -> None:
+        if max_cases is not None and int(max_cases) < 1:
+            raise ValueError(f"max_cases must be >= 1 (or None: every case), got {max_cases}")
+        self.max_cases = None if max_cases is None else int(max_cases)
         super().__init__(network, checkpoint, **kwargs)
         self.datalist, self.split, self.out = Path(datalist), split, Path(output_dir)
 
     def run(self) -> dict[str, Any]:
-        entries = load_datalist(self.datalist, self.split)
+        entries = load_datalist(self.datalist, self.split)[:self.max_cases]
         cases, total = [], None
         for e in tqdm(entries, desc=f"evaluate {self.split}", unit="volume"):
             vol = load_volume(e["image"])
@@ -133,7 +137,7 @@ class VQGANEvaluation(VQGANReconstructor):
             "codebook_usage_pct": 100.0 * usage_of_counts(total), "perplexity": perplexity_of_counts(total),
             "window_hu": [-1000.0, 1000.0], "data_range_hu": 2000.0, "mode": "3d",
             "roi_size": [int(r) for r in self.roi_size], "overlap": self.overlap, "blend": self.mode,
-            "norm_stats": self.norm_stats,
+            "norm_stats": self.norm_stats, "cases": len(cases),
         }
         report = {"split": self.split, "summary": summary, "cases": cases}
         write_metrics_report(self.out, report)

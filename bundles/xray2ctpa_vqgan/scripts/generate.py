@@ -23,7 +23,7 @@ from ctsynth.engine import load_network_weights
 from ctsynth.io import check_outputs, save_dicom_series, save_nifti
 from ctsynth.transforms import LoadRadiographs, NormalizeRadiograph, unscale_hu
 
-from .diffusion import GuidedSampler, decode_latents, load_vqgan
+from .diffusion import OBJECTIVES, GuidedSampler, decode_latents, load_vqgan
 
 __all__ = ["STAGE2_META_KEYS", "xray_transform", "CTPAGenerator"]
 
@@ -53,7 +53,7 @@ class CTPAGenerator:
     """
 
     def __init__(self, network: nn.Module, checkpoint: str | Path, vqgan_path: str | Path, scheduler: Any,
-                 num_inference_steps: int = 50, guidance: float = 3.0, quantize: bool = True,
+                 num_inference_steps: int = 50, guidance: float = 1.0, quantize: bool = True,
                  device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         meta = load_network_weights(network, checkpoint, require_meta=STAGE2_META_KEYS, not_this_kind=(
@@ -68,7 +68,12 @@ class CTPAGenerator:
         if self.vqgan.config["embedding_dim"] != getattr(network, "latent_channels", self.vqgan.config["embedding_dim"]):
             raise ValueError(f"{vqgan_path} has {self.vqgan.config['embedding_dim']}-channel codes but {checkpoint} was "
                              f"trained on {network.latent_channels}; use the VQ-GAN the diffusion model was trained with")
-        self.sampler = GuidedSampler(self.network, scheduler, num_inference_steps, guidance)
+        objective = meta.get("objective", "diffusion")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"{checkpoint}: meta key 'objective' is {str(objective)[:40]!r}, not one of {OBJECTIVES}; "
+                             "use a checkpoint written by train_diffusion.json (or with regression.json)")
+        self.objective = objective
+        self.sampler = GuidedSampler(self.network, scheduler, num_inference_steps, guidance, objective=objective)
         self.quantize, self.meta = quantize, meta
         self.transform = xray_transform(int(meta["xray_size"]))
 
