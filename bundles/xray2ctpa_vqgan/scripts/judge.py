@@ -29,7 +29,7 @@ from ctsynth.prepare import load_datalist, resample_to_shape
 from ctsynth.transforms import scale_hu, unscale_hu
 
 from .diffusion import decode_latents, encode_latents
-from .generate import CTPAGenerator
+from .generate import CTPAGenerator, xray_transform
 
 __all__ = ["PEScorer", "XrayPEScorer", "xray_pe_scorer", "GenerationJudge"]
 
@@ -75,8 +75,6 @@ class XrayPEScorer:
     """
 
     def __init__(self, network: nn.Module, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:
-        from .generate import xray_transform
-
         meta = load_network_weights(network, checkpoint, require_meta=("xray_size",), not_this_kind=(
             "not an X-ray-only PE classifier; train one with train_classifier.json + train_xray_classifier.json"))
         self.device = torch.device(device)
