@@ -43,6 +43,17 @@ def _gn(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(g, c)
 
 
+def _stride2_stages(in_channels: int, channels: Sequence[int]) -> list[nn.Module]:
+    """(stride-2 conv, GroupNorm, SiLU, conv, GroupNorm, SiLU) per width: the radiograph CNNs' layers."""
+    layers: list[nn.Module] = []
+    c_prev = in_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_prev, c, 3, stride=2, padding=1), _gn(c), nn.SiLU(),
+                   nn.Conv2d(c, c, 3, padding=1), _gn(c), nn.SiLU()]
+        c_prev = c
+    return layers
+
+
 def xray_ray_grid(grid: dict[str, Any], downsample: int, xray_size: int) -> dict[str, Any]:
     """The :class:`RayFeatures` settings of a generation grid (``scripts.diffusion.training_grid``'s
     ``volume_shape`` / ``spacing_mm``), the VQ-GAN's ``downsample`` and the radiographs' ``xray_size``: plain
@@ -131,15 +142,9 @@ class XrayEncoder(nn.Module):
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 256), token_dim: int = 256,
                  token_grid: int = 8) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_prev = in_channels
-        for c in channels:
-            layers += [nn.Conv2d(c_prev, c, 3, stride=2, padding=1), _gn(c), nn.SiLU(),
-                       nn.Conv2d(c, c, 3, padding=1), _gn(c), nn.SiLU()]
-            c_prev = c
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*_stride2_stages(in_channels, channels))
         self.pool = nn.AdaptiveAvgPool2d(token_grid)
-        self.proj = nn.Conv2d(c_prev, token_dim, 1)
+        self.proj = nn.Conv2d(channels[-1] if channels else in_channels, token_dim, 1)
         self.position = nn.Parameter(torch.randn(1, token_grid * token_grid, token_dim) * 0.02)
         self.norm = nn.LayerNorm(token_dim)
         self.in_channels, self.token_grid = in_channels, token_grid
@@ -210,13 +215,8 @@ class XrayConditionedDenoiser(nn.Module):
             self.null_context = nn.Parameter(torch.zeros(1, token_grid * token_grid, token_dim))
         if self.uses_rays:
             self.rays = RayFeatures(**dict(ray_grid))
-            layers: list[nn.Module] = []
-            c_prev = 1
-            for c in ray_channels:
-                layers += [nn.Conv2d(c_prev, c, 3, stride=2, padding=1), _gn(c), nn.SiLU(),
-                           nn.Conv2d(c, c, 3, padding=1), _gn(c), nn.SiLU()]
-                c_prev = c
-            self.ray_encoder = nn.Sequential(*layers, nn.Conv2d(c_prev, int(aligned_channels), 1))
+            self.ray_encoder = nn.Sequential(*_stride2_stages(1, ray_channels),
+                                             nn.Conv2d(ray_channels[-1] if ray_channels else 1, int(aligned_channels), 1))
             self.null_features = nn.Parameter(torch.zeros(1, int(aligned_channels), 1, 1, 1))
             extra = int(aligned_channels)
         self.unet = DiffusionModelUNet(spatial_dims=3, in_channels=latent_channels + extra, out_channels=latent_channels,
