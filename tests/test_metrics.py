@@ -193,3 +193,25 @@ def test_roc_auc_ci_refuses_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         roc_auc_ci(**kwargs)
     assert roc_auc_ci([0.2, 0.3], [1, 1]) is None  # one class: undefined
+
+
+
+@pytest.mark.parametrize("step, expected", [(0.0, 2.0), (1.0, 242.0)])
+def test_seam_ratio_pinned(step, expected):
+    """A ramp along z (each z face steps 0.1; x and y faces 0) with a jump of ``step`` at z = 8: the border's
+    squared step (0.1 + step)^2 over the mean of the other 28 faces (14 z faces of 0.01, 14 x/y faces of 0)."""
+    from ctsynth.metrics import seam_ratio
+
+    v = torch.arange(16.0).mul(0.1).expand(8, 8, 16).clone()
+    v[..., 8:] += step
+    assert seam_ratio(v, [[], [], [8]]) == pytest.approx(expected, rel=1e-4)
+    assert seam_ratio(v, [[], [], []]) == 1.0  # no borders: one window
+
+
+def test_seam_ratio_rejects_borders_outside_the_volume():
+    from ctsynth.metrics import seam_ratio
+
+    with pytest.raises(ValueError, match="outside"):
+        seam_ratio(torch.rand(4, 4, 4), [[], [], [4]])
+    with pytest.raises(ValueError, match="3 axes"):
+        seam_ratio(torch.rand(4, 4, 4), [[2]])

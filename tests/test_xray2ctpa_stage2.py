@@ -213,6 +213,117 @@ def test_decoding_snaps_latents_to_codes():
     assert torch.allclose(out, vq.decode(codes).clamp(0, 1)[..., :7], atol=1e-6)
 
 
+
+@pytest.mark.parametrize("volume", [(16, 16, 32), (32, 16, 16)])
+def test_ray_features_of_a_larger_grid_are_placed_by_its_field_of_view(volume):
+    """Full-resolution grids: the one-bright-pixel check on a grid larger than the training grid, its rays placed
+    by its own field of view; the training grid given explicitly is the default."""
+    rays = _cond.RayFeatures(**RAY_GRID)
+    latent = [v // 4 for v in volume]
+    xray = torch.zeros(1, 1, 32, 32)
+    xray[0, 0, 14, 17] = 1.0
+    lit = rays(xray, latent, volume)[0, 0]
+    centres = [_latent_centres_mm(n, 4, 5.0) for n in volume]
+    pts = torch.tensor([[x, y, z] for x in centres[0] for y in centres[1] for z in centres[2]], dtype=torch.float64)
+    geometry, _ = rays.placement(volume)
+    rc = geometry.project_points(pts)[0]
+    d = (rc - torch.tensor([14.0, 17.0], dtype=torch.float64)).abs()
+    expected = ((1 - d[:, 0]).clamp_min(0) * (1 - d[:, 1]).clamp_min(0)).reshape(*latent)
+    assert torch.allclose(lit.double(), expected, atol=1e-5) and lit.sum() > 0
+    assert torch.equal(rays(xray, (4, 4, 4), (16, 16, 16)), rays(xray, (4, 4, 4)))
+
+
+def _scheduler():
+    return DDIMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+
+
+@pytest.mark.parametrize("conditioning, objective, guidance", [
+    ("aligned+tokens", "diffusion", 3.0), ("aligned", "diffusion", 1.0), ("tokens", "regression", 1.0)])
+def test_windowed_sampling_equals_whole_grid_sampling_where_both_fit(conditioning, objective, guidance):
+    """Same seed, deterministic DDIM: a window as large as the grid (or larger) samples exactly what the
+    unwindowed sampler does."""
+    net = _denoiser(conditioning=conditioning)
+    xray = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    outs = [_diff.GuidedSampler(net, _scheduler(), 3, guidance, progress=False, objective=objective, window=w)(
+        xray, (4, 4, 6), generator=torch.Generator().manual_seed(0), volume_shape=(16, 16, 24))
+        for w in (None, (4, 4, 6), (8, 8, 8))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="multiples of 2"):
+        _diff.GuidedSampler(net, _scheduler(), 3, window=(3, 4, 4), progress=False)(xray, (4, 4, 6))
+    with pytest.raises(ValueError, match="overlap"):
+        _diff.GuidedSampler(net, _scheduler(), 3, window=(2, 2, 2), overlap=1.0)
+
+
+class _PointwiseUNet(torch.nn.Module):
+    """A voxel-wise stand-in for the U-Net (1x1x1 convolutions, the timestep and the mean token added): a window's
+    prediction is then exactly the whole grid's there, so windowed sampling must reproduce whole-grid sampling."""
+
+    def __init__(self, in_channels, out_channels, token_dim):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.tok = torch.nn.Conv3d(in_channels, out_channels, 1), torch.nn.Linear(token_dim, out_channels)
+
+    def forward(self, x, timesteps, context=None):
+        out = torch.tanh(self.conv(x)) + timesteps.float().view(-1, 1, 1, 1, 1) / 1000
+        return out + (0 if context is None else self.tok(context.mean(1))[..., None, None, None])
+
+
+def test_windowed_sampling_blends_windows_into_the_whole_grid_prediction():
+    """36 overlapping windows of a 8 x 8 x 12 latent grid, each with its own voxels' ray features: with a
+    voxel-wise network the blended prediction is the whole grid's, so every DDIM step and the result agree."""
+    net = _denoiser(conditioning="aligned+tokens")
+    net.unet = _PointwiseUNet(8 + 4, 8, 16)
+    xray = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    windows = _diff.latent_windows((8, 8, 12), (4, 4, 4), 0.25, net.multiple)
+    assert len(windows) == 36 and all(s.stop - s.start == 4 for w in windows for s in w)
+    whole, windowed = (_diff.GuidedSampler(net, _scheduler(), 4, 3.0, progress=False, window=w)(
+        xray, (8, 8, 12), generator=torch.Generator().manual_seed(0), volume_shape=(32, 32, 48))
+        for w in (None, (4, 4, 4)))
+    assert torch.allclose(windowed, whole, atol=1e-4) and whole.abs().max() > 0.1
+    shifted = net.condition(xray, (8, 8, 12), volume_shape=(32, 32, 48))["features"].roll(1, -1)
+    assert not torch.allclose(shifted, net.condition(xray, (8, 8, 12), volume_shape=(32, 32, 48))["features"])
+
+
+class _NearestDecoder(torch.nn.Module):
+    """A VQ-GAN stand-in whose decoder is voxel-wise (nearest 4x upsampling of the mean code), for exact checks of
+    the patch-wise assembly."""
+
+    downsample = 4
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(torch.sigmoid(z.mean(1, keepdim=True)), scale_factor=4, mode="nearest")
+
+
+def test_patchwise_decoding_assembles_the_whole_volume():
+    z = torch.randn(1, 8, 8, 8, 12, generator=torch.Generator().manual_seed(0))
+    whole = _diff.decode_latents(_NearestDecoder(), z, 2.0, (30, 32, 45), quantize=False)
+    tiled = _diff.decode_latents(_NearestDecoder(), z, 2.0, (30, 32, 45), quantize=False, window=(4, 4, 4))
+    assert whole.shape == tiled.shape == (1, 1, 30, 32, 45) and torch.allclose(tiled, whole, atol=1e-5)
+    torch.manual_seed(0)
+    vq = VQGAN3D(1, [4, 8], 1, num_embeddings=16, embedding_dim=4, norm_groups=2).eval()
+    codes = torch.randn(1, 4, 4, 4, 6)
+    assert torch.equal(_diff.decode_latents(vq, codes, 1.0, window=(4, 4, 8)), _diff.decode_latents(vq, codes, 1.0))
+    tiled = _diff.decode_latents(vq, codes, 1.0, window=(2, 2, 2))
+    assert tiled.shape == (1, 1, 8, 8, 12) and 0 <= float(tiled.min()) and float(tiled.max()) <= 1
+
+
+def test_bench_generate_reports_every_size():
+    bench = bundle_module("xray2ctpa_vqgan", "bench")
+    tiny_vq = {"channels": [8, 16], "num_res_blocks": 1, "num_embeddings": 16, "embedding_dim": 8, "norm_groups": 4}
+    tiny_net = {"xray_channels": [8, 16], "token_dim": 16, "token_grid": 4, "ray_channels": [8], "aligned_channels": 4,
+                **UNET}
+    res = bench.bench_generate([(32, 32, 48), (32, 32, 24)], train_shape=(16, 16, 16), spacing_mm=(5.0, 5.0, 5.0),
+                               steps=1, guidance=2.0, xray_size=32, network=tiny_net, vqgan=tiny_vq)
+    assert res["benchmark"] == "generate" and res["latent_window"] == [8, 8, 8] and res["guided"]
+    sizes = res["sizes"]
+    assert [r["shape"] for r in sizes] == [[32, 32, 24], [32, 32, 48]]  # smallest first: the CPU peak only grows
+    assert [r["latent_shape"] for r in sizes] == [[16, 16, 12], [16, 16, 24]]
+    assert sizes[0]["windows"] == 3 * 3 * 2 and sizes[1]["windows"] == 3 * 3 * 4  # 8-voxel windows, stride 6
+    assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 and r["seam_ratio"] > 0 for r in sizes)
+    assert sizes[1]["output_mb"] == pytest.approx(2 * sizes[0]["output_mb"])
+    json.dumps(res)
+
+
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
@@ -300,6 +411,26 @@ def test_ctsynth_generate_from_a_png(stage2, tmp_path):
     report = json.loads((tmp_path / "ctpa.json").read_text())
     assert report["steps"] == 2 and report["guidance"] == 2.0 and report["samples"] == 2 and report["mean_std_hu"] >= 0
     assert load_volume(tmp_path / "ctpa_std.nii.gz").shape == vol.shape and (tmp_path / "ctpa.png").stat().st_size > 1000
+
+
+def test_ctsynth_generate_a_larger_grid_in_windows(stage2, tmp_path, capsys):
+    """--shape beyond the training grid (32 x 32 x 24 at 8 mm): the denoiser's latent grid becomes the window; the
+    output has the requested shape, centred, and the report names the windows and the seam ratio."""
+    root, _ = stage2
+    case = load_datalist(root / "data" / "datalist.json", "test")[0]
+    out = tmp_path / "big.nii.gz"
+    cli_main(["generate", case["xray"], "--out", str(out), "--models-dir", str(root / "models"), "--steps", "2",
+              "--shape", "32,32,48", "--overlap", "0.5"])
+    vol = load_volume(out)
+    assert tuple(vol.shape) == (1, 32, 32, 48) and torch.isfinite(vol.as_tensor()).all()
+    centre = torch.as_tensor(vol.affine).double() @ torch.tensor([15.5, 15.5, 23.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(centre[:3], torch.zeros(3, dtype=torch.float64), atol=1e-4)
+    report = json.loads((tmp_path / "big.json").read_text())
+    trained = read_checkpoint_meta(root / "models" / "ldm.pt")["latent_shape"]
+    assert report["latent_window"] == trained and report["windows"] > 1 and report["seam_ratio"] > 0
+    refused(capsys, ["generate", case["xray"], "--out", str(tmp_path / "bad.nii.gz"), "--models-dir",
+                     str(root / "models"), "--shape", "32,0,8"], "--shape must be between", status=2)
+    assert not (tmp_path / "bad.nii.gz").exists()
 
 
 def test_generate_names_a_missing_checkpoint(tmp_path, capsys):
@@ -454,3 +585,12 @@ def test_verify_net_in_out_and_torchscript_export(stage2, tmp_path, capsys):
         (empty / "vqgan.pt").write_bytes((root / "models" / "vqgan.pt").read_bytes())
         verify_bundle("xray2ctpa_vqgan", export_dir=tmp_path / "ts2", models_dir=empty,
                       overrides={"network_def": vq_over, "classifier_def": CLASSIFIER_TINY})
+
+
+def test_ctsynth_bench_generate_writes_json(tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    cli_main(["bench", "generate", "--sizes", "32,32,32", "--train-shape", "16", "--spacing", "5", "--small",
+              "--steps", "1", "--xray-size", "32", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["shape"] for r in res["sizes"]] == [[32, 32, 32]] and res["sizes"][0]["windows"] == 27
+    assert res["denoiser"]["conditioning"] == "aligned+tokens" and res["train_shape"] == [16, 16, 16]

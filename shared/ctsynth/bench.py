@@ -18,7 +18,7 @@ from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 from ctsynth.runtime import peak_rss_mb
 
-__all__ = ["machine_info", "time_call", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
+__all__ = ["machine_info", "time_call", "reset_peak_memory", "peak_memory_mb", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
            "bench_autoencoder", "bench_classifier", "bench_interpolate", "write_json", "plot_benchmark"]
 
 
@@ -133,7 +133,8 @@ CASCADE_STAGE_LOSSES = (
 )
 
 
-def _reset_peak_memory(device: str) -> None:
+def reset_peak_memory(device: str) -> None:
+    """Starts a new peak for :func:`peak_memory_mb` (CUDA; on the CPU the process's peak cannot be reset)."""
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +150,8 @@ def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any)
         opt.step()
 
 
-def _peak_memory_mb(device: str) -> float:
+def peak_memory_mb(device: str) -> float:
+    """Peak memory in MiB: CUDA's allocated peak since :func:`reset_peak_memory`, or the process's peak RSS."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mb()  # the process's peak resident memory
@@ -210,10 +212,10 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
             loss = loss_fn(pred, target, affine=aff, geometry=[geom] * b)
             _optimiser_step(loss, opt, scaler)
 
-        _reset_peak_memory(device)
+        reset_peak_memory(device)
         timing = time_call(step, repeats=repeats, warmup=1, device=device)
         result["stages"].append({"stage": stage, "size": s, "batch": b, "losses": sorted(CASCADE_STAGE_LOSSES[stage - 1]),
-                                 "step_s": timing, "peak_memory_mb": _peak_memory_mb(device),
+                                 "step_s": timing, "peak_memory_mb": peak_memory_mb(device),
                                  "trainable_parameters": sum(p.numel() for p in trainable_parameters(net))})
     return result
 
@@ -297,13 +299,13 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
         loss = torch.nn.functional.l1_loss(rec.float(), x) + commitment.float()
         _optimiser_step(loss, opt, scaler)
 
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     result: dict[str, Any] = {
         "benchmark": "vqgan", "network": net.config, "parameters": sum(p.numel() for p in net.parameters()),
         "amp": enabled, "amp_dtype": str(dtype), "machine": machine_info(device),
         "train_step": {"size": [int(s) for s in size], "batch": int(batch),
                        "step_s": time_call(step, repeats=repeats, warmup=1, device=device),
-                       "peak_memory_mb": _peak_memory_mb(device)},
+                       "peak_memory_mb": peak_memory_mb(device)},
     }
     if volume is not None:
         net.eval()
@@ -312,7 +314,7 @@ def bench_vqgan(size: Sequence[int] = (256, 256, 64), batch: int = 2, volume: Se
         timing = time_call(lambda: codec.reconstruct(vol), repeats=1, warmup=0, device=device)
         result["patchwise"] = {"volume": [int(s) for s in volume], "roi_size": list(codec.roi_size),
                                "windows": len(codec.windows(vol.shape[-3:])), "seconds": timing,
-                               "voxels_per_s": vol.numel() / timing["median_s"], "peak_memory_mb": _peak_memory_mb(device)}
+                               "voxels_per_s": vol.numel() / timing["median_s"], "peak_memory_mb": peak_memory_mb(device)}
     return result
 
 
@@ -424,13 +426,13 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
     unknown = set(phases) - {"train", "sample"}
     if unknown or not phases:
         raise ValueError(f"phases must be train and/or sample, got {list(phases)}")
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     steps = {"train": train_step, "sample": sample_step}
     timed = {f"{ph}_step_s": time_call(steps[ph], repeats=repeats, warmup=1, device=device) for ph in phases}
     return {"benchmark": "diffusion", "bundle": bundle, "network": args, "latent_shape": list(shape),
             "parameters": sum(p.numel() for p in net.parameters()), "amp": enabled, "amp_dtype": str(dtype),
             "machine": machine_info(device), **timed, "phases": list(phases),
-            "guided_sample_step": doubled, "peak_memory_mb": _peak_memory_mb(device)}
+            "guided_sample_step": doubled, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def _network_step_benchmark(name: str, net: torch.nn.Module, loss_of: Callable[[], torch.Tensor], repeats: int,
@@ -443,10 +445,10 @@ def _network_step_benchmark(name: str, net: torch.nn.Module, loss_of: Callable[[
         opt.zero_grad(set_to_none=True)
         _optimiser_step(loss_of(), opt, None)
 
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     return {"benchmark": name, **extra, "parameters": sum(p.numel() for p in net.parameters()),
             "machine": machine_info(device), "step_s": time_call(step, repeats=repeats, warmup=1, device=device),
-            "peak_memory_mb": _peak_memory_mb(device)}
+            "peak_memory_mb": peak_memory_mb(device)}
 
 
 def bench_autoencoder(patch: Sequence[int] = (64, 64, 64), batch: int = 1, repeats: int = 3, device: str = "cpu",

@@ -29,7 +29,7 @@ OPTION_LIMITS: dict[str, tuple[float, float]] = {
     "guidance": (0, 100), "factor": (2, 32), "fov_mm": (1, 2000), "emboli": (0, 1), "detail": (0, 10),
     "noise": (0, 1000), "realism": (0, 10), "batch": (1, 1024), "latent_shape": (1, 1024), "train_shape": (4, 2048),
     "volume": (4, 4096), "roi": (4, 2048), "patch": (4, 2048), "depths": (1, 4096), "window": (-10000, 100000),
-    "plane_chunk": (1, 8192), "in_plane": (8, 2048), "chunk": (1, 4096), "overlap": (0, 0.95),
+    "plane_chunk": (1, 8192), "in_plane": (8, 2048), "chunk": (1, 4096), "overlap": (0, 0.95), "latent_window": (1, 1024),
     "num_splits": (1, 64), "latent_channels": (1, 1024), "stages": (1, 8), "seed": (0, 2**63 - 1),
 }
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
@@ -76,6 +76,17 @@ def _tuple(x: Any, n: int | None = None, name: str = "value") -> tuple:
     if n is not None and len(t) not in (1, n):
         raise ValueError(f"--{name} takes 1 or {n} numbers, got {len(t)}")
     return t if n is None or len(t) == n else t * n
+
+
+def _sizes(x: Any, name: str) -> list[int]:
+    """``--name X,Y,Z`` (or one number for all three) as 3 positive voxel counts."""
+    try:
+        sizes = [int(v) for v in _tuple(x, 3, name)]
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} takes 3 positive integers (X,Y,Z voxels), got {str(x)[:40]!r}") from None
+    if min(sizes) < 1:
+        raise ValueError(f"--{name} takes 3 positive integers (X,Y,Z voxels), got {sizes}")
+    return sizes
 
 
 def _one_int(x: Any) -> int:
@@ -171,6 +182,29 @@ class Bench:
                               latent_channels, xray_size, phases=[p.strip() for p in str(phases).split(",") if p.strip()])
         _emit_text(write_json(res, out, plot))
 
+    def generate(self, sizes: Any = ((512, 512, 64), (512, 512, 128)), train_shape: Any = (256, 256, 128),
+                 spacing: Any = (0.7, 0.7, 2.5), steps: int = 2, guidance: float = 1.0, overlap: float = 0.25,
+                 xray_size: int = 256, small: bool = False, device: str = "cpu", out: str | None = None,
+                 plot: str | None = None) -> None:
+        """Full-resolution X-ray -> CTPA generation (xray2ctpa_vqgan) at each of ``--sizes`` (X,Y,Z volumes; default
+        512x512x64 and 512x512x128) by a denoiser trained on ``--train-shape`` volumes, whose latent grid is the
+        sampling window: seconds, windows, peak memory and the output's size per volume, and the seam ratio.
+        ``--small`` uses the demo's network widths."""
+        from ctsynth.bench import write_json
+        from ctsynth.bundles import bundle_module
+
+        network = vqgan = None
+        if small:
+            from ctsynth.demo import CTPA_DEMO_DENOISER, CTPA_DEMO_VQGAN
+
+            network, vqgan = _network_args(CTPA_DEMO_DENOISER), _network_args(CTPA_DEMO_VQGAN)
+        flat = _tuple(sizes)
+        shapes = [_sizes(s, "sizes") for s in flat] if flat and isinstance(flat[0], (list, tuple)) else [
+            _sizes(flat, "sizes")]
+        res = bundle_module("xray2ctpa_vqgan", "bench").bench_generate(
+            shapes, _sizes(train_shape, "train-shape"), [float(v) for v in _tuple(spacing, 3, "spacing")], int(steps),
+            float(guidance), float(overlap), int(xray_size), network, vqgan, device)
+        _emit_text(write_json(res, out, plot))
 
     def interpolate(self, shape: Any = (512, 512, 26), spacing: Any = (0.7, 0.7, 12.5), factor: int = 5,
                     method: str = "self-supervised", steps: int = 400, seed: int = 0, realism: float = 1.0,
@@ -393,21 +427,26 @@ class CLI:
 
     def generate(self, xray: str, out: str, steps: int = 50, guidance: float = 1.0, samples: int = 1, seed: int = 0,
                  models_dir: str | None = None, checkpoint: str | None = None, vqgan: str | None = None,
-                 dicom_out: str | None = None, preview: str | None = None, device: str | None = None) -> None:
+                 dicom_out: str | None = None, preview: str | None = None, device: str | None = None,
+                 shape: Any = None, latent_window: Any = None, overlap: float = 0.25) -> None:
         """Chest X-ray (PNG/JPEG/TIFF, DICOM or NIfTI) -> CT pulmonary angiography NIfTI (xray2ctpa_vqgan).
 
         Samples ``--samples`` volumes with ``--steps`` guided DDIM steps (classifier-free guidance ``--guidance``;
         1 = conditional model only) and writes their mean as OUT (with OUT_std.nii.gz when K > 1), a JSON report
-        beside it, a tri-planar ``--preview`` PNG and a ``--dicom-out`` series on request. Weights: ``--checkpoint``
-        (stage 2, default MODELS/ldm.pt) and ``--vqgan`` (stage 1, default MODELS/vqgan.pt), MODELS being
-        ``--models-dir`` or the bundle's models/.
+        beside it, a tri-planar ``--preview`` PNG and a ``--dicom-out`` series on request. ``--shape X,Y,Z``: the
+        grid generated at the training voxel size (default the training grid; e.g. 512,512,N for full resolution),
+        sampled in overlapping latent windows (``--latent-window x,y,z``, default the training latent grid; neighbours
+        share ``--overlap``) and decoded patch-wise. Weights: ``--checkpoint`` (stage 2, default MODELS/ldm.pt) and
+        ``--vqgan`` (stage 1, default MODELS/vqgan.pt), MODELS being ``--models-dir`` or the bundle's models/.
         """
         from ctsynth.bundles import bundle_models, checkpoint_settings, run_bundle
 
         models = bundle_models("xray2ctpa_vqgan", models_dir)
         overrides = {"input": xray, "output": out, "steps": int(steps), "guidance": float(guidance),
                      "samples": int(samples), "seed": int(seed), "dicom_out": dicom_out, "preview": preview,
-                     "vqgan_path": vqgan or str(models / "vqgan.pt"),
+                     "shape": None if shape is None else _sizes(shape, "shape"),
+                     "latent_window": None if latent_window is None else _sizes(latent_window, "latent-window"),
+                     "overlap": float(overlap), "vqgan_path": vqgan or str(models / "vqgan.pt"),
                      **checkpoint_settings("xray2ctpa_vqgan", checkpoint or str(models / "ldm.pt"), role="ldm")}
         _emit(run_bundle("xray2ctpa_vqgan", ["inference.json"], "inference", overrides, device=device)[0])
 

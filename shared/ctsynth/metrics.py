@@ -24,7 +24,7 @@ from scipy.stats import rankdata
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 
 __all__ = ["METRIC_MODES", "HU_REGIONS", "hu_fidelity", "summarise_hu_fidelity", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
-           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci"]
+           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci", "seam_ratio"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -366,3 +366,39 @@ def roc_auc_ci(scores: Sequence[float], labels: Sequence[int], level: float = 0.
         lo, hi = (float(torch.quantile(t, q)) for q in ((1 - float(level)) / 2, (1 + float(level)) / 2))
     return {"auc": auc, "ci_low": lo, "ci_high": hi, "se": se, "level": float(level), "method": method,
             "n": m + n, "positives": m}
+
+
+def seam_ratio(volume: torch.Tensor, borders: Sequence[Sequence[int]]) -> float:
+    """How much window borders show in a volume assembled from windows: the mean squared intensity step across
+    the ``borders`` divided by that across every other voxel face (1: seams are invisible; above 1: steps
+    concentrate where windows meet).
+
+    Args:
+        volume: (..., X, Y, Z).
+        borders: per spatial axis, the indices ``b`` (0 < b < size) where a window starts or ends; the step
+            across border ``b`` is the one from voxel ``b - 1`` to voxel ``b``.
+
+    Returns:
+        The ratio; 1.0 when there are no borders (one window).
+
+    Example::
+
+        seam_ratio(volume, [[], [], [64]])  # one seam across z at slice 64
+    """
+    v = torch.as_tensor(volume).float()
+    if v.ndim < 3 or len(borders) != 3:
+        raise ValueError(f"need a (..., X, Y, Z) volume and borders for 3 axes, got {tuple(v.shape)} and {len(borders)}")
+    border_sum, border_n, other_sum, other_n = 0.0, 0, 0.0, 0
+    for a, axis_borders in enumerate(borders):
+        dim = v.ndim - 3 + a
+        steps = v.diff(dim=dim).pow(2).movedim(dim, 0).flatten(1).mean(1)  # per face
+        bad = [int(b) for b in axis_borders if not 0 < int(b) < v.shape[dim]]
+        if bad:
+            raise ValueError(f"borders {bad} on axis {a} are outside (0, {v.shape[dim]})")
+        mask = torch.zeros(steps.shape[0], dtype=torch.bool)
+        mask[[int(b) - 1 for b in axis_borders]] = True
+        border_sum, border_n = border_sum + float(steps[mask].sum()), border_n + int(mask.sum())
+        other_sum, other_n = other_sum + float(steps[~mask].sum()), other_n + int((~mask).sum())
+    if border_n == 0:
+        return 1.0
+    return (border_sum / border_n) / max(other_sum / max(other_n, 1), 1e-12)

@@ -70,8 +70,10 @@ class RayFeatures(nn.Module):
     superior-inferior extents (:func:`ctsynth.geometry.radiograph_geometry`). Latent voxel ``j`` along an axis
     covers volume voxels ``j*downsample ... (j+1)*downsample - 1``, so its centre is volume voxel
     ``j*downsample + (downsample - 1) / 2``; it takes the feature map's bilinear sample at that centre's
-    projection (zero off the detector). The sampling coordinates depend only on the latent shape and are
-    computed once per shape and device.
+    projection (zero off the detector). A larger (or smaller) grid of the same voxels, e.g. full-resolution
+    generation in windows, gives ``volume_shape`` to :meth:`forward`: its own field of view then places the
+    detector. The sampling coordinates depend only on the grid and latent shapes and are computed once per shapes
+    and device.
 
     Args:
         volume_shape: (X, Y, Z) voxels of the generation grid.
@@ -81,7 +83,8 @@ class RayFeatures(nn.Module):
         margin: detector side / larger in-plane extent.
 
     Shapes:
-        forward(features (B, C, h, w) covering the detector, latent_shape (x, y, z)) -> (B, C, x, y, z).
+        forward(features (B, C, h, w) covering the detector, latent_shape (x, y, z), volume_shape (X, Y, Z) or None)
+        -> (B, C, x, y, z).
     """
 
     def __init__(self, volume_shape: Sequence[int], spacing_mm: Sequence[float], downsample: int, xray_size: int,
@@ -93,34 +96,49 @@ class RayFeatures(nn.Module):
         self.volume_shape = [int(s) for s in volume_shape]
         self.spacing_mm = [float(s) for s in spacing_mm]
         self.downsample = int(downsample)
+        self.xray_size, self.margin = int(xray_size), float(margin)
         self.config = {"volume_shape": self.volume_shape, "spacing_mm": self.spacing_mm, "downsample": self.downsample,
-                       "xray_size": int(xray_size), "margin": float(margin)}
-        volume_affine = grid_affine(self.volume_shape, self.spacing_mm)
-        self.geometry = radiograph_geometry(volume_extent_mm(volume_affine, self.volume_shape), int(xray_size),
-                                            margin=margin)
-        # latent voxel j's centre is volume voxel j * f + (f - 1) / 2
-        f = float(self.downsample)
-        self.latent_affine = volume_affine.clone()
-        self.latent_affine[:3, :3] = volume_affine[:3, :3] * f
-        self.latent_affine[:3, 3] = volume_affine[:3, 3] + volume_affine[:3, :3] @ torch.full((3,), (f - 1) / 2,
-                                                                                             dtype=torch.float64)
+                       "xray_size": self.xray_size, "margin": self.margin}
+        self.geometry, self.latent_affine = self.placement(self.volume_shape)
         self._grids: dict[tuple, torch.Tensor] = {}
 
-    def sampling_grid(self, latent_shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """(1, x*y, z, 2) ``grid_sample`` coordinates of the latent voxels' projections (cached)."""
+    def placement(self, volume_shape: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        """(radiograph geometry, latent voxel -> RAS mm affine) of a grid of ``volume_shape`` voxels of
+        :attr:`spacing_mm` centred on the origin."""
+        shape = [int(s) for s in volume_shape]
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"volume_shape must be 3 positive sizes, got {list(volume_shape)}")
+        volume_affine = grid_affine(shape, self.spacing_mm)
+        geometry = radiograph_geometry(volume_extent_mm(volume_affine, shape), self.xray_size, margin=self.margin)
+        # latent voxel j's centre is volume voxel j * f + (f - 1) / 2
+        f = float(self.downsample)
+        latent_affine = volume_affine.clone()
+        latent_affine[:3, :3] = volume_affine[:3, :3] * f
+        latent_affine[:3, 3] = volume_affine[:3, 3] + volume_affine[:3, :3] @ torch.full((3,), (f - 1) / 2,
+                                                                                        dtype=torch.float64)
+        return geometry, latent_affine
+
+    def sampling_grid(self, latent_shape: Sequence[int], device: torch.device | str = "cpu",
+                      volume_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """(1, x*y, z, 2) ``grid_sample`` coordinates of the latent voxels' projections for a grid of
+        ``volume_shape`` (default: the configured one); cached."""
         shape = tuple(int(s) for s in latent_shape)
-        key = (shape, str(device))
+        volume = tuple(self.volume_shape if volume_shape is None else (int(s) for s in volume_shape))
+        key = (shape, volume, str(device))
         if key not in self._grids:
-            grid = detector_sampling_grid(self.geometry, self.latent_affine, shape)[0]  # x, y, z, 2
+            geometry, latent_affine = ((self.geometry, self.latent_affine) if list(volume) == self.volume_shape
+                                       else self.placement(volume))
+            grid = detector_sampling_grid(geometry, latent_affine, shape)[0]  # x, y, z, 2
             self._grids[key] = grid.reshape(1, shape[0] * shape[1], shape[2], 2).to(device)
         return self._grids[key]
 
-    def forward(self, features: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, latent_shape: Sequence[int],
+                volume_shape: Sequence[int] | None = None) -> torch.Tensor:
         if features.ndim != 4:
             raise ValueError(f"expected (B, C, h, w) feature maps, got {tuple(features.shape)}")
         b, c = features.shape[:2]
         x, y, z = (int(s) for s in latent_shape)
-        grid = self.sampling_grid((x, y, z), features.device).to(features.dtype).expand(b, -1, -1, -1)
+        grid = self.sampling_grid((x, y, z), features.device, volume_shape).to(features.dtype).expand(b, -1, -1, -1)
         out = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.reshape(b, c, x, y, z)
 
@@ -236,11 +254,12 @@ class XrayConditionedDenoiser(nn.Module):
             self.config["lora"] = dict(lora)
 
     def condition(self, xray: torch.Tensor | None, latent_shape: Sequence[int], batch: int | None = None,
-                  drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  drop: torch.Tensor | None = None, volume_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """What the U-Net is given of ``xray`` (B, 1, H, W) for latents of ``latent_shape`` (x, y, z):
         ``tokens`` (B, N, D) and/or ``features`` (B, A, x, y, z); the null condition where ``drop`` (B,) is True,
-        or for every item when ``xray`` is None (then ``batch`` items). Conditions concatenate along the batch
-        (:meth:`cat_conditions`)."""
+        or for every item when ``xray`` is None (then ``batch`` items). ``volume_shape``: the grid the latents
+        belong to when it is not the training grid (the rays are placed by its field of view). Conditions
+        concatenate along the batch (:meth:`cat_conditions`) and crop to windows (:meth:`window_condition`)."""
         if xray is None and batch is None:
             raise ValueError("give the radiographs or the batch size of the unconditional condition")
         out: dict[str, torch.Tensor] = {}
@@ -259,7 +278,7 @@ class XrayConditionedDenoiser(nn.Module):
             else:
                 if xray.ndim != 4 or xray.shape[1] != 1:
                     raise ValueError(f"expected (B, 1, H, W) radiographs, got {tuple(xray.shape)}")
-                feats = self.rays(self.ray_encoder(xray), shape)
+                feats = self.rays(self.ray_encoder(xray), shape, volume_shape)
                 out["features"] = feats if mask is None else torch.where(
                     mask.view(-1, 1, 1, 1, 1).to(feats.device), self.null_features.to(feats.dtype), feats)
         return out
@@ -268,6 +287,15 @@ class XrayConditionedDenoiser(nn.Module):
     def cat_conditions(*conditions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Conditions of several batches as one (concatenated along the batch)."""
         return {k: torch.cat([c[k] for c in conditions]) for k in conditions[0]}
+
+    @staticmethod
+    def window_condition(condition: dict[str, torch.Tensor], window: Sequence[slice]) -> dict[str, torch.Tensor]:
+        """The condition of the latent ``window`` (3 slices) of a grid: its voxels' ray features (each keeps the
+        features of its own ray) and the unchanged tokens."""
+        out = dict(condition)
+        if "features" in out:
+            out["features"] = out["features"][(Ellipsis, *window)]
+        return out
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, xray: torch.Tensor | None = None,
                 condition: dict[str, torch.Tensor] | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:

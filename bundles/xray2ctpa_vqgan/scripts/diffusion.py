@@ -12,6 +12,13 @@ model. Sampling (:class:`GuidedSampler`): DDIM with classifier-free guidance,
 The ``regression`` objective (:data:`OBJECTIVES`) trains the same network with the same conditioning as a
 deterministic baseline: its input is zero latents at the last timestep and its target the clean latents (MSE),
 so it learns the conditional mean; "sampling" it is that one forward pass.
+
+Grids larger than the denoiser was trained on (full resolution, 512 x 512 x N) are sampled in overlapping latent
+windows of the training latent shape: at every DDIM step each window is denoised with its own voxels' ray
+features and the predictions are blended with Gaussian weights (no floor) into one prediction for the whole
+grid, on which the scheduler steps; the VQ-GAN decodes the result in overlapping windows the same way
+(:func:`decode_latents`). Working memory then depends on the window, not on the grid; the grid's latents and
+the decoded volume are the only arrays that grow with it.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from tqdm.auto import tqdm
 from ctsynth.diffusion import diffusion_target
 from ctsynth.meta_schema import validate_checkpoint_meta
 from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
+from ctsynth.inferers import gaussian_blend_weights
 from ctsynth.transforms import pad_to_multiple
 
 from .vqgan import VQGAN3D
 
-__all__ = ["OBJECTIVES", "load_vqgan", "latent_shape_of", "training_grid", "encode_latents", "latent_scale_factor", "XrayDiffusionIteration", "GuidedSampler",
-           "decode_latents", "GenerationValidation"]
+__all__ = ["OBJECTIVES", "load_vqgan", "latent_shape_of", "training_grid", "encode_latents", "latent_scale_factor",
+           "XrayDiffusionIteration", "latent_windows", "GuidedSampler", "decode_latents", "GenerationValidation"]
 
 logger = logging.getLogger(__name__)
 #: what stage 2 learns: a diffusion model, or the deterministic regression baseline with the same conditioning
@@ -190,6 +198,31 @@ class XrayDiffusionIteration:
         return {Keys.LOSS: float(loss.detach()), "terms": terms, "grad_norm": norm}
 
 
+def latent_windows(shape: Iterable[int], window: Iterable[int] | None, overlap: float = 0.25,
+                   multiple: int = 1) -> list[tuple[slice, slice, slice]]:
+    """The overlapping windows (3 slices each) that cover a latent grid of ``shape`` (x, y, z): ``window`` sizes
+    (None: one window, the grid) capped at the grid, neighbours sharing about ``overlap`` of a window, the last
+    flush with the end (MONAI's ``dense_patch_slices``).
+
+    Raises:
+        ValueError: a window size is not a multiple of ``multiple`` (the denoiser's downsampling) or ``overlap``
+            is outside [0, 1).
+    """
+    from monai.data.utils import dense_patch_slices
+
+    size = [int(s) for s in shape]
+    if window is None:
+        return [tuple(slice(0, s) for s in size)]
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+    roi = [min(int(w), s) for w, s in zip(window, size)]
+    if len(roi) != 3 or min(roi) < 1 or any(r % int(multiple) for r in roi):
+        raise ValueError(f"latent window {list(window)} must be 3 positive multiples of {multiple} (the denoiser's "
+                         "downsampling); the default is the checkpoint's latent_shape")
+    interval = [r if r == s else max(int(r * (1 - float(overlap))), 1) for r, s in zip(roi, size)]
+    return [tuple(w) for w in dense_patch_slices(tuple(size), tuple(roi), tuple(interval))]
+
+
 class GuidedSampler:
     """DDIM sampling of latents from X-rays with classifier-free guidance.
 
@@ -202,10 +235,14 @@ class GuidedSampler:
         progress: progress bar over the steps.
         objective: the network's (:data:`OBJECTIVES`); ``regression``: one forward pass from zero latents, whatever
             the steps, guidance and noise.
+        window: latent window (x, y, z) the denoiser runs on (:func:`latent_windows`); None: the whole grid in one
+            pass. Grids no larger than the window are sampled in one pass either way, identically.
+        overlap: fraction of a window shared with its neighbours.
     """
 
     def __init__(self, network: nn.Module, scheduler: Any, num_inference_steps: int = 50, guidance: float = 1.0,
-                 eta: float = 0.0, progress: bool = True, objective: str = "diffusion") -> None:
+                 eta: float = 0.0, progress: bool = True, objective: str = "diffusion",
+                 window: Iterable[int] | None = None, overlap: float = 0.25) -> None:
         self.objective = _check_objective(objective)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -213,11 +250,31 @@ class GuidedSampler:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         self.network, self.scheduler = network, scheduler
         self.num_inference_steps, self.guidance, self.eta, self.progress = int(num_inference_steps), float(guidance), eta, progress
+        self.window = None if window is None else [int(w) for w in window]
+        self.overlap = float(overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+
+    def _denoise(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: dict[str, torch.Tensor],
+                 windows: list[tuple[slice, slice, slice]], weights: torch.Tensor | None) -> torch.Tensor:
+        """The network's prediction for the grid ``x``: one pass, or the windows' predictions blended by
+        ``weights`` (1, 1, *window)."""
+        if len(windows) == 1 and tuple(s.stop - s.start for s in windows[0]) == tuple(x.shape[-3:]):
+            return net(x, t, condition=condition)
+        out = torch.zeros_like(x)
+        total = torch.zeros((1, 1, *x.shape[-3:]), dtype=x.dtype, device=x.device)
+        for w in windows:
+            index = (Ellipsis, *w)
+            pred = net(x[index], t, condition=net.window_condition(condition, w))
+            out[index] += pred * weights
+            total[index] += weights
+        return out / total
 
     @torch.no_grad()
     def __call__(self, xray: torch.Tensor, latent_shape: Iterable[int], generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, H, W) X-rays -> (B, C, x, y, z) latents (scaled) of ``latent_shape`` (x, y, z)."""
+                 noise: torch.Tensor | None = None, volume_shape: Iterable[int] | None = None) -> torch.Tensor:
+        """(B, 1, H, W) X-rays -> (B, C, x, y, z) latents (scaled) of ``latent_shape`` (x, y, z), the latents of a
+        volume of ``volume_shape`` (X, Y, Z; default the denoiser's training grid), which places the X-ray's rays."""
         net = unwrap(self.network)
         net.eval()
         shape = [int(s) for s in latent_shape]
@@ -230,16 +287,23 @@ class GuidedSampler:
             noise = torch.randn((b, net.latent_channels, *shape), generator=generator,
                                 device="cpu" if generator is None else generator.device)
         x = noise.to(device)
-        cond = net.condition(xray.float(), shape)
+        volume = None if volume_shape is None else [int(v) for v in volume_shape]
+        cond = net.condition(xray.float(), shape, volume_shape=volume)
+        windows = latent_windows(shape, self.window, self.overlap, net.multiple)
+        roi = [s.stop - s.start for s in windows[0]]
+        weights = gaussian_blend_weights(roi).to(device) if len(windows) > 1 else None
         if self.objective == "regression":
             zeros, t = _regression_input(self.scheduler, x)
-            return net(zeros, t, condition=cond)
+            return self._denoise(net, zeros, t, cond, windows, weights)
         guided = self.guidance != 1.0
         condition = net.cat_conditions(cond, net.condition(None, shape, b)) if guided else cond
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-        for t in tqdm(self.scheduler.timesteps, desc="DDIM", unit="step", disable=not self.progress, leave=False):
+        bar = tqdm(self.scheduler.timesteps, desc=f"DDIM ({len(windows)} window{'s' * (len(windows) > 1)})",
+                   unit="step", disable=not self.progress, leave=False)
+        for t in bar:
             inp = torch.cat([x, x]) if guided else x
-            out = net(inp, torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long), condition=condition)
+            out = self._denoise(net, inp, torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long),
+                                condition, windows, weights)
             if guided:
                 c, u = out.chunk(2)
                 out = u + self.guidance * (c - u)
@@ -249,13 +313,33 @@ class GuidedSampler:
 
 @torch.no_grad()
 def decode_latents(vqgan: VQGAN3D, latents: torch.Tensor, scale_factor: float, size: Iterable[int] | None = None,
-                   quantize: bool = True) -> torch.Tensor:
+                   quantize: bool = True, window: Iterable[int] | None = None, overlap: float = 0.25,
+                   stitch_device: str | torch.device | None = None) -> torch.Tensor:
     """Scaled latents (B, D, x, y, z) -> CTPA (B, 1, X, Y, Z) in [0, 1], cropped to ``size``; ``quantize``
-    snaps each latent vector to its nearest code first (the decoder was trained on codes only)."""
+    snaps each latent vector to its nearest code first (the decoder was trained on codes only).
+
+    ``window``: decode patch-wise, in overlapping latent windows of this size (MONAI's sliding-window inference,
+    Gaussian weights without floor, the volume assembled on ``stitch_device``, default the latents' device; each
+    window is snapped to the codes on its own); None, or latents no larger than the window: one pass."""
     z = latents.float() / scale_factor
-    if quantize:
-        z = vqgan.quantizer.embed(vqgan.quantizer.quantize(z)[2])
-    out = vqgan.decode(z).float().clamp(0, 1)
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        if quantize:
+            codes = vqgan.quantizer.embed(vqgan.quantizer.quantize(codes)[2])
+        return vqgan.decode(codes)
+
+    roi = None if window is None else [min(int(w), int(s)) for w, s in zip(window, z.shape[-3:])]
+    if roi is None or roi == list(z.shape[-3:]):
+        out = decode(z).float().clamp(0, 1)
+    else:
+        from monai.inferers import sliding_window_inference
+
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
+        out = sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=decode, overlap=float(overlap),
+                                       mode="gaussian", roi_weight_map=gaussian_blend_weights(roi).to(z.device),
+                                       padding_mode="replicate", device=stitch_device or z.device, progress=False)
+        out = out.float().clamp(0, 1)
     if size is not None:
         s = [int(v) for v in size]
         out = out[..., :s[0], :s[1], :s[2]]

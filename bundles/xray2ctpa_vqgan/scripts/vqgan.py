@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ctsynth.inferers import gaussian_blend_weights
+from ctsynth.metrics import seam_ratio
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
@@ -298,17 +299,8 @@ class PatchwiseVQGAN:
     def seam_ratio(self, volume: torch.Tensor) -> float:
         """Mean squared intensity step across window borders divided by that across every other voxel face
         (1: seams are invisible; above 1: steps concentrate where windows meet). ``volume``: (..., X, Y, Z)."""
-        v = torch.as_tensor(volume).float()
-        border_sum, border_n, other_sum, other_n = 0.0, 0, 0.0, 0
-        for a, borders in enumerate(self.window_borders(v.shape[-3:])):
-            steps = v.diff(dim=v.ndim - 3 + a).pow(2).movedim(v.ndim - 3 + a, 0).flatten(1).mean(1)  # per face
-            mask = torch.zeros(steps.shape[0], dtype=torch.bool)
-            mask[[b - 1 for b in borders]] = True  # border b: the step from voxel b-1 to voxel b
-            border_sum, border_n = border_sum + float(steps[mask].sum()), border_n + int(mask.sum())
-            other_sum, other_n = other_sum + float(steps[~mask].sum()), other_n + int((~mask).sum())
-        if border_n == 0:
-            return 1.0  # one window: no seams
-        return (border_sum / border_n) / max(other_sum / max(other_n, 1), 1e-12)
+        v = torch.as_tensor(volume)
+        return seam_ratio(v, self.window_borders(v.shape[-3:]))
 
     def reconstruct(self, volume: torch.Tensor) -> torch.Tensor:
         """Any (B, C, X, Y, Z) volume: padded (edge values) to :attr:`multiple`, windowed, cropped back."""
