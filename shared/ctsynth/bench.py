@@ -18,7 +18,7 @@ from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 from ctsynth.runtime import peak_rss_mb
 
-__all__ = ["machine_info", "time_call", "reset_peak_memory", "peak_memory_mb", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
+__all__ = ["machine_info", "time_call", "plain_network_args", "reset_peak_memory", "peak_memory_mb", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
            "bench_autoencoder", "bench_classifier", "bench_interpolate", "write_json", "plot_benchmark"]
 
 
@@ -131,6 +131,19 @@ CASCADE_STAGE_LOSSES = (
     {"l1": 1.0, "ssim": 0.5, "vgg": 0.1},
     {"l1": 1.0, "ssim": 0.5, "vgg": 0.1, "grad": 0.2, "drr": 0.3},
 )
+
+
+def plain_network_args(config: dict[str, Any], key: str = "network_def") -> dict[str, Any]:
+    """The arguments of a bundle config's ``key`` object that a benchmark can use as they are: plain values and
+    ``@id`` references to plain top-level values (no ``_target_``, no ``$`` expressions, no references to
+    objects)."""
+    args = {}
+    for k, v in config[key].items():
+        if isinstance(v, str) and v.startswith("@") and not isinstance(config.get(v[1:]), (dict, list)):
+            v = config.get(v[1:], v)
+        if k != "_target_" and not (isinstance(v, str) and v[:1] in "$@"):
+            args[k] = v
+    return args
 
 
 def reset_peak_memory(device: str) -> None:
@@ -375,13 +388,7 @@ def bench_diffusion(bundle: str = "slice_interp_ldm", latent_shape: Sequence[int
     if bundle not in DIFFUSION_BENCHES:
         raise ValueError(f"bundle must be one of {sorted(DIFFUSION_BENCHES)}, got {bundle!r}")
     config, module, cls = DIFFUSION_BENCHES[bundle]
-    top = json.loads((Path(bundle_root(bundle)) / "configs" / config).read_text())
-    args = {}
-    for k, v in top["network_def"].items():  # plain arguments, and "@id" references to plain top-level values
-        if isinstance(v, str) and v.startswith("@") and not isinstance(top.get(v[1:]), (dict, list)):
-            v = top.get(v[1:], v)
-        if k != "_target_" and not (isinstance(v, str) and v[:1] in "$@"):
-            args[k] = v
+    args = plain_network_args(json.loads((Path(bundle_root(bundle)) / "configs" / config).read_text()))
     if bundle == "xray2ctpa_vqgan":
         args["latent_channels"] = int(latent_channels)
         # the generation grid only places the rays (not the cost): 4x the latent grid at 1 mm

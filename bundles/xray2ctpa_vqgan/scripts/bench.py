@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from ctsynth.bench import machine_info, peak_memory_mb, reset_peak_memory
+from ctsynth.bench import machine_info, peak_memory_mb, plain_network_args, reset_peak_memory
 from ctsynth.metrics import seam_ratio
 
 from .conditioning import XrayConditionedDenoiser, xray_ray_grid
@@ -30,18 +30,6 @@ __all__ = ["bench_generate"]
 
 logger = logging.getLogger(__name__)
 _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _plain_args(config: dict[str, Any]) -> dict[str, Any]:
-    """A config's ``network_def`` arguments: plain values and ``@id`` references to plain top-level values (no
-    target, no expressions)."""
-    args = {}
-    for k, v in config["network_def"].items():
-        if isinstance(v, str) and v.startswith("@") and not isinstance(config.get(v[1:]), (dict, list)):
-            v = config.get(v[1:], v)
-        if k != "_target_" and not (isinstance(v, str) and v[:1] in "$@"):
-            args[k] = v
-    return args
 
 
 def bench_generate(sizes: Sequence[Sequence[int]] = ((512, 512, 64), (512, 512, 128)),
@@ -59,12 +47,12 @@ def bench_generate(sizes: Sequence[Sequence[int]] = ((512, 512, 64), (512, 512, 
         first).
     """
     inference = json.loads((_CONFIGS / "inference.json").read_text())
-    vq_args = {**_plain_args(json.loads((_CONFIGS / "train.json").read_text())), **(vqgan or {})}
+    vq_args = {**plain_network_args(json.loads((_CONFIGS / "train.json").read_text())), **(vqgan or {})}
     torch.manual_seed(0)
     vq = VQGAN3D(**vq_args).eval()
     vq.intensity_range = [-1000.0, 1000.0]
     grid = {"volume_shape": [int(s) for s in train_shape], "spacing_mm": [float(s) for s in spacing_mm]}
-    net_args = {**_plain_args(json.loads((_CONFIGS / "train_diffusion.json").read_text())),
+    net_args = {**plain_network_args(json.loads((_CONFIGS / "train_diffusion.json").read_text())),
                 "latent_channels": int(vq_args["embedding_dim"]),
                 **(network or {})}
     if "aligned" in net_args.get("conditioning", "tokens"):

@@ -76,20 +76,17 @@ class CTPAGenerator:
 
     @classmethod
     def from_networks(cls, network: nn.Module, vqgan: nn.Module, scheduler: Any, meta: dict[str, Any],
-                      **kwargs: Any) -> CTPAGenerator:
+                      num_inference_steps: int = 50, guidance: float = 1.0, quantize: bool = True,
+                      device: str | torch.device = "cpu", window: Sequence[int] | None = None,
+                      overlap: float = 0.25) -> CTPAGenerator:
         """A generator of networks already built (``meta``: the :data:`STAGE2_META_KEYS` a checkpoint records), e.g.
-        for benchmarks; ``kwargs`` as for the constructor."""
+        for benchmarks; the other arguments as for the constructor."""
         missing = [k for k in STAGE2_META_KEYS if k not in meta]
         if missing:
             raise ValueError(f"meta lacks {missing}: give every one of {list(STAGE2_META_KEYS)}")
         self = cls.__new__(cls)
-        names = ("network", "vqgan")
-        settings = {k: kwargs.pop(k) for k in ("num_inference_steps", "guidance", "quantize", "device", "window", "overlap")
-                    if k in kwargs}
-        if kwargs:
-            raise TypeError(f"unknown arguments {sorted(kwargs)}")
-        self._setup(network, vqgan, scheduler, dict(meta), names=names, **{"num_inference_steps": 50, "guidance": 1.0,
-                    "quantize": True, "device": "cpu", "window": None, "overlap": 0.25, **settings})
+        self._setup(network, vqgan, scheduler, dict(meta), num_inference_steps, guidance, quantize, device, window,
+                    overlap, names=("network", "vqgan"))
         return self
 
     def _setup(self, network: nn.Module, vqgan: nn.Module, scheduler: Any, meta: dict[str, Any],
