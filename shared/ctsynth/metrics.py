@@ -24,7 +24,7 @@ from scipy.stats import rankdata
 from ctsynth.atomic import atomic_write_json, atomic_write_text
 
 __all__ = ["METRIC_MODES", "HU_REGIONS", "hu_fidelity", "summarise_hu_fidelity", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
-           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci", "seam_ratio"]
+           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci", "window_borders", "seam_ratio"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -366,6 +366,17 @@ def roc_auc_ci(scores: Sequence[float], labels: Sequence[int], level: float = 0.
         lo, hi = (float(torch.quantile(t, q)) for q in ((1 - float(level)) / 2, (1 + float(level)) / 2))
     return {"auc": auc, "ci_low": lo, "ci_high": hi, "se": se, "level": float(level), "method": method,
             "n": m + n, "positives": m}
+
+
+def window_borders(windows: Sequence[Sequence[slice]], shape: Sequence[int], scale: int = 1) -> list[list[int]]:
+    """Per axis of a volume of ``shape`` (X, Y, Z), the sorted indices where one of ``windows`` (3 slices each, on a
+    grid ``scale`` times coarser, e.g. latents) starts or ends inside the volume: the ``borders`` of
+    :func:`seam_ratio`."""
+    borders: list[set[int]] = [set(), set(), set()]
+    for window in windows:
+        for a, sl in enumerate(window):
+            borders[a].update(int(b) * int(scale) for b in (sl.start, sl.stop) if 0 < int(b) * int(scale) < int(shape[a]))
+    return [sorted(b) for b in borders]
 
 
 def seam_ratio(volume: torch.Tensor, borders: Sequence[Sequence[int]]) -> float:

@@ -25,7 +25,7 @@ from torch import nn
 from ctsynth.atomic import atomic_write_json
 from ctsynth.engine import load_network_weights, unwrap
 from ctsynth.io import check_outputs, save_dicom_series, save_nifti
-from ctsynth.metrics import seam_ratio
+from ctsynth.metrics import seam_ratio, window_borders
 from ctsynth.phantoms import grid_affine
 from ctsynth.transforms import LoadRadiographs, NormalizeRadiograph, unscale_hu
 
@@ -139,12 +139,7 @@ class CTPAGenerator:
     def window_borders(self, shape: Sequence[int] | None = None) -> list[list[int]]:
         """Per axis, the output voxel indices where a latent window starts or ends inside the volume (for
         :func:`ctsynth.metrics.seam_ratio`)."""
-        size, f = self.output_shape(shape), int(self.vqgan.downsample)
-        borders: list[set[int]] = [set(), set(), set()]
-        for w in self.windows(shape):
-            for a, sl in enumerate(w):
-                borders[a].update(b * f for b in (sl.start, sl.stop) if 0 < b * f < size[a])
-        return [sorted(b) for b in borders]
+        return window_borders(self.windows(shape), self.output_shape(shape), int(self.vqgan.downsample))
 
     @torch.no_grad()
     def __call__(self, xray: torch.Tensor, samples: int = 1, seed: int = 0,

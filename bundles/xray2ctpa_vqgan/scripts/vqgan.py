@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ctsynth.inferers import gaussian_blend_weights
-from ctsynth.metrics import seam_ratio
+from ctsynth.metrics import seam_ratio, window_borders
 from ctsynth.transforms import pad_to_multiple
 from ctsynth.vq import RestartingEMAQuantizer, codebook_perplexity, codebook_usage
 
@@ -290,11 +290,7 @@ class PatchwiseVQGAN:
         """Per spatial axis, the indices where a window starts or ends inside a volume of ``shape`` (X, Y, Z), for
         the windows :meth:`reconstruct` cuts (from the volume padded to :attr:`multiple`)."""
         padded = [-(-int(s) // self.multiple) * self.multiple for s in shape]
-        borders: list[set[int]] = [set(), set(), set()]
-        for window in self.windows(padded):
-            for a, sl in enumerate(window):
-                borders[a].update(int(b) for b in (sl.start, sl.stop) if 0 < b < shape[a])
-        return [sorted(b) for b in borders]
+        return window_borders(self.windows(padded), shape)
 
     def seam_ratio(self, volume: torch.Tensor) -> float:
         """Mean squared intensity step across window borders divided by that across every other voxel face
