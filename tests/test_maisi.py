@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from ctsynth.maisi import (MAISI_AUTOENCODER_ARGS, LatentCodec, build_maisi_autoencoder, ct_to_unit,
-                           load_maisi_autoencoder, unit_to_ct)
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+from ctsynth.maisi import (MAISI_AUTOENCODER_ARGS, LatentCodec, autoencoder_downsample, build_maisi_autoencoder,
+                           ct_to_unit, load_maisi_autoencoder, unit_to_ct)
 
 SMALL = {"num_channels": [8, 16, 32], "norm_num_groups": 4, "num_splits": 1}
+SMALL_2X = {"num_channels": [8, 16], "norm_num_groups": 4, "num_splits": 1}  # two levels: one halving
 
 
 def test_released_architecture_size():
@@ -57,15 +60,40 @@ def test_normalisation_round_trip():
     assert float(ct_to_unit(torch.tensor(0.0))) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("depth", [37, 40, 9])
-def test_latent_shapes_for_odd_depths_and_crop_back(depth):
+@pytest.mark.parametrize("args,factor,depth", [(SMALL, 4, 37), (SMALL, 4, 40), (SMALL, 4, 9), (SMALL_2X, 2, 37),
+                                               (SMALL_2X, 2, 9)])
+def test_latent_shapes_for_odd_depths_and_crop_back(args, factor, depth):
     torch.manual_seed(0)
-    codec = LatentCodec(build_maisi_autoencoder(**SMALL).eval(), chunk=16, overlap=0.25)
+    codec = LatentCodec(build_maisi_autoencoder(**args).eval(), chunk=16, overlap=0.25)
+    assert codec.downsample == factor
     vol = torch.rand(1, 1, 18, 20, depth)
     z = codec.encode(vol)
-    assert z.shape == (1, 4, 5, 5, -(-depth // 4))
+    assert z.shape == (1, 4, -(-18 // factor), -(-20 // factor), -(-depth // factor))
     out = codec.decode(z, vol.shape[-3:])
     assert out.shape == vol.shape
+
+
+@pytest.mark.parametrize("levels,factor", [(2, 2), (3, 4), (4, 8)])
+def test_compression_follows_the_number_of_levels(levels, factor):
+    built = build_maisi_autoencoder(num_channels=[4] * levels, norm_num_groups=4, num_splits=1)
+    assert built.downsample == factor and len(built.encoder.blocks) > 0
+    # a network built without ctsynth (no `downsample` attribute): counted from its encoder's halvings
+    plain = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                               num_channels=[4] * levels, num_res_blocks=[1] * levels, norm_num_groups=4,
+                               attention_levels=[False] * levels, with_encoder_nonlocal_attn=False,
+                               with_decoder_nonlocal_attn=False, norm_float16=False, num_splits=1)
+    assert autoencoder_downsample(plain) == factor
+    with torch.no_grad():
+        assert plain.encode(torch.rand(1, 1, 16, 16, 16))[0].shape[-1] == 16 // factor
+
+
+def test_compression_errors_say_what_to_set():
+    with pytest.raises(ValueError, match="num_res_blocks \\[1, 1, 1\\] has 3 levels but num_channels \\[8, 16\\] has 2"):
+        build_maisi_autoencoder(num_channels=[8, 16], num_res_blocks=[1, 1, 1])
+    with pytest.raises(ValueError, match="set `autoencoder.downsample`"):
+        autoencoder_downsample(torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="multiples of 2 \\(the autoencoder's compression"):
+        LatentCodec(build_maisi_autoencoder(**SMALL_2X), chunk=9)
 
 
 def test_windowed_coding_equals_one_pass_when_one_window_covers_and_converges_with_overlap():

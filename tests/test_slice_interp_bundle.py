@@ -2,6 +2,7 @@
 autoencoder and diffusion training through `monai.bundle run` (resume), evaluation, inference and the CLI."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,18 @@ UNET = {"network_def#channels": [8, 8, 8, 8], "network_def#attention_levels": [F
 
 
 class PoolingAutoencoder(nn.Module):
-    """Stand-in encoder with a known latent: 4x average pooling (decode: nearest upsampling)."""
+    """Stand-in encoder with a known latent: ``downsample``x average pooling (decode: nearest upsampling)."""
+
+    def __init__(self, downsample: int = 4) -> None:
+        super().__init__()
+        self.downsample = downsample
 
     def encode(self, x):
-        z = F.avg_pool3d(x, 4)
+        z = F.avg_pool3d(x, self.downsample)
         return z, torch.ones_like(z)
 
     def decode(self, z):
-        return F.interpolate(z, scale_factor=4, mode="nearest")
+        return F.interpolate(z, scale_factor=self.downsample, mode="nearest")
 
 
 def _linear_in_z(n, spacing, origin_z=0.0):
@@ -53,18 +58,19 @@ def _linear_in_z(n, spacing, origin_z=0.0):
     return MetaTensor((-900 + 8 * z).expand(1, 8, 8, n).clone(), affine=aff)
 
 
-@pytest.mark.parametrize("mode", ["latent", "image"])
-def test_conditioning_lands_on_the_thin_latent_grid(mode):
+@pytest.mark.parametrize("mode,factor", [("latent", 4), ("image", 4), ("latent", 2), ("image", 2)])
+def test_conditioning_lands_on_the_thin_latent_grid(mode, factor):
     # HU linear in z: slab averages and pooled latents are exact samples of the same line, so the conditioning
     # must equal the thin series' own latents wherever it interpolates (the last latent may extrapolate)
     thin = _linear_in_z(80, 1.0)
     thick = _linear_in_z(16, 5.0, origin_z=2.0)  # 5 mm slabs centred 2 mm after the first thin slice
-    codec = LatentCodec(PoolingAutoencoder(), chunk=256)
+    codec = LatentCodec(PoolingAutoencoder(factor), chunk=256)
     # thin grid of 76 slices from z = 4 mm: 2 mm after the first thick slice centre
     cond = ThickConditioner(codec, mode)(thick, 1.0, count=76, offset_mm=2.0)
     z_thin = codec.encode(((thin.as_tensor()[..., 4:80] + 1000) / 2000)[None])
-    assert cond.shape == z_thin.shape == (1, 1, 2, 2, 19)
-    assert torch.allclose(cond[..., 1:-2], z_thin[..., 1:-2], atol=1e-5), (cond[0, 0, 0, 0], z_thin[0, 0, 0, 0])
+    assert cond.shape == z_thin.shape == (1, 1, 8 // factor, 8 // factor, 76 // factor)
+    inner = slice(4 // factor, -8 // factor)  # the first 4 and last 8 thin slices: cubic needs neighbours there
+    assert torch.allclose(cond[..., inner], z_thin[..., inner], atol=1e-5), (cond[0, 0, 0, 0], z_thin[0, 0, 0, 0])
 
 
 def test_conditioning_rejects_unknown_modes_and_2d_input():
@@ -93,6 +99,31 @@ def test_sampler_covers_any_depth_in_windows():
         LatentDiffusionSampler(net, sched, 3, window=6)
     with pytest.raises(ValueError, match="spatial_dims is fixed"):
         Denoiser(4, spatial_dims=2)
+
+
+def test_residual_denoiser_starts_at_the_conditioning_and_needs_clean_latent_prediction():
+    torch.manual_seed(0)
+    args = dict(channels=[8, 8, 8], attention_levels=[False, False, False], num_res_blocks=1, norm_num_groups=4)
+    residual, plain = Denoiser(4, residual=True, **args), Denoiser(4, **args)
+    plain.load_state_dict(residual.state_dict())  # the same weights, the same state-dict keys
+    x, t = torch.randn(2, 8, 8, 8, 8), torch.tensor([999, 3])
+    with torch.no_grad():
+        assert torch.equal(plain(x, t), torch.zeros(2, 4, 8, 8, 8))  # MONAI zero-initialises the output layer
+        assert torch.equal(residual(x, t), x[:, 4:])  # so an untrained residual denoiser returns the conditioning
+    # DDIM from pure noise with clean-latent prediction lands on what the denoiser predicts: the conditioning
+    cond = torch.randn(1, 4, 8, 8, 8)
+    sample = LatentDiffusionSampler(residual, DDIMScheduler(1000, clip_sample=False, prediction_type="sample"), 5,
+                                    window=None, progress=False)(cond, noise=torch.randn(1, 4, 8, 8, 8))
+    assert torch.allclose(sample, cond, atol=1e-5)
+    with torch.no_grad():
+        torch.nn.init.normal_(plain.out[2].conv.weight)
+        residual.load_state_dict(plain.state_dict())
+        assert torch.allclose(residual(x, t), plain(x, t) + x[:, 4:])
+    assert residual.config["residual"] is True and plain.config["residual"] is False
+    with pytest.raises(ValueError, match="use prediction_type 'sample' \\(the scheduler's is 'epsilon'\\)"):
+        LatentDiffusionSampler(residual, DDIMScheduler(1000, clip_sample=False), 5)
+    with pytest.raises(TypeError, match="residual must be true or false"):
+        Denoiser(4, residual="false", **args)
 
 
 def test_default_denoiser_attends_in_linear_memory():
@@ -163,6 +194,35 @@ def test_training_writes_checkpoints_cache_and_resumes(trained):
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # latents were reused, not re-encoded
     hist = json.loads((root / "eval" / "diffusion" / "history.json").read_text())["epochs"]
     assert [h["epoch"] for h in hist] == [1, 2] and "val_psnr" in hist[-1] and "loss_image_vgg" in hist[-1]
+
+
+def test_two_level_autoencoder_and_residual_denoiser_train_and_evaluate_end_to_end(tmp_path):
+    """An autoencoder of two levels compresses 2x: the latent cache, the conditioning, the denoiser's training and
+    the evaluation follow its compression; a residual denoiser's checkpoint rebuilds a residual denoiser."""
+    prepare_phantom_pairs(tmp_path / "data", n=6, shape=(16, 16, 44), spacing_mm=4.0, fractions=(0.5, 0.25, 0.25))
+    common = {"dataset_dir": str(tmp_path / "data"), "models_dir": str(tmp_path / "models"),
+              "output_dir": str(tmp_path / "eval"), "num_workers": 0, "vgg_random_init": True,
+              "autoencoder_args": {"num_channels": [4, 8], "norm_num_groups": 4, "num_splits": 1}}
+    run_bundle("slice_interp_ldm", ["train_autoencoder.json"], "training", {
+        **common, "epochs": 1, "train#trainer#epoch_length": 2, "patch_size": [16, 16, 16],
+        "val_patch_size": [16, 16, 44], "perceptual_weight": 0.0, "adversarial_start": 10 ** 9})
+    over = {**common, **UNET, "epochs": 1, "train#trainer#epoch_length": 2, "crop_depth": 8, "sampler_window": 8,
+            "val_steps": 2, "image_loss_interval": 1, "codec_chunk": 16, "conditioning": "image",
+            "prediction_type": "sample", "network_def#residual": True}
+    run_bundle("slice_interp_ldm", ["train.json"], "training", over)
+    index = json.loads((tmp_path / "data" / "latents" / "index.json").read_text())
+    pair = torch.load(tmp_path / "data" / "latents" / index["splits"]["test"][0]["latent"], weights_only=True)
+    thin_slices = index["splits"]["test"][0]["thin_slices"]
+    assert pair["thin"].shape == pair["cond"].shape == (4, 8, 8, -(-thin_slices // 2))
+    settings = checkpoint_settings("slice_interp_ldm", tmp_path / "models" / "model.pt")
+    assert settings["network_def"].residual is True and settings["prediction_type"] == "sample"
+    report = run_bundle("slice_interp_ldm", ["train.json", "evaluate.json"], "evaluate", {
+        **over, **settings, "eval_methods": ["cubic", "vae_ceiling", "ldm"]})[0]
+    rows = {r["method"]: r for r in report["summary"] if r["window"] == [-1000.0, 1000.0] and r["mode"] == "3d"}
+    assert set(rows) == {"cubic", "vae_ceiling", "ldm"} and all(math.isfinite(r["psnr"]) for r in rows.values())
+    with pytest.raises(ValueError, match="use prediction_type 'sample'"):
+        run_bundle("slice_interp_ldm", ["train.json"], "training", {**over, "prediction_type": "epsilon",
+                                                                    "resume": False, "ckpt_dir": str(tmp_path / "e")})
 
 
 def test_evaluation_compares_every_method(trained):

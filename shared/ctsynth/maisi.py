@@ -4,10 +4,12 @@ encoding/decoding with bounded memory.
 The released autoencoder (MONAI ``AutoencoderKlMaisi`` with :data:`MAISI_AUTOENCODER_ARGS`: 20,944,897
 parameters in 130 tensors) compresses 4x along every axis into 4 latent channels, and expects HU clipped
 to [-1000, 1000] and scaled to [0, 1] (:func:`ct_to_unit`). No weights are downloaded: pass the file.
+An autoencoder built with other ``num_channels`` compresses ``2 ** (len(num_channels) - 1)`` times per axis
+(its ``downsample`` attribute, :func:`autoencoder_downsample`).
 
 :class:`LatentCodec` encodes and decodes volumes of any depth in overlapping chunks along depth, so peak
-memory depends on the chunk, not on the number of slices; sizes are padded to multiples of 4 and cropped
-back, never truncated.
+memory depends on the chunk, not on the number of slices; sizes are padded to multiples of the compression
+and cropped back, never truncated.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiDownsample
 from torch import nn
 
 from ctsynth.meta_schema import check_plain_value
 from ctsynth.transforms import pad_to_multiple, scale_hu, unscale_hu
 
 __all__ = ["MAISI_AUTOENCODER_ARGS", "MAISI_WINDOW", "MAISI_DOWNSAMPLE", "build_maisi_autoencoder",
-           "load_maisi_autoencoder", "ct_to_unit", "unit_to_ct", "LatentCodec"]
+           "load_maisi_autoencoder", "autoencoder_downsample", "ct_to_unit", "unit_to_ct", "LatentCodec"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,26 @@ MAISI_AUTOENCODER_ARGS: dict[str, Any] = {
 }
 #: HU window MAISI normalises to [0, 1]
 MAISI_WINDOW = (-1000.0, 1000.0)
-#: spatial compression per axis
+#: spatial compression per axis of the released autoencoder
 MAISI_DOWNSAMPLE = 4
+
+
+def autoencoder_downsample(autoencoder: nn.Module) -> int:
+    """Spatial compression per axis of an autoencoder: its ``downsample`` attribute (set by
+    :func:`build_maisi_autoencoder`), else 2 to the number of stride-2 ``MaisiDownsample`` blocks of its encoder.
+
+    Raises:
+        ValueError: neither is there (say it: set ``autoencoder.downsample``).
+    """
+    recorded = getattr(autoencoder, "downsample", None)
+    if recorded is not None:
+        return int(recorded)
+    encoder = getattr(autoencoder, "encoder", None)
+    halvings = sum(isinstance(m, MaisiDownsample) for m in encoder.modules()) if isinstance(encoder, nn.Module) else 0
+    if not halvings:
+        raise ValueError(f"cannot tell the compression of {type(autoencoder).__name__} (no `downsample` attribute, no "
+                         "MaisiDownsample blocks in its encoder): set `autoencoder.downsample` to its compression per axis")
+    return 2 ** halvings
 
 
 def ct_to_unit(hu: torch.Tensor) -> torch.Tensor:
@@ -57,18 +78,29 @@ def build_maisi_autoencoder(**overrides: Any) -> nn.Module:
     """``AutoencoderKlMaisi`` with the released arguments, ``overrides`` applied (e.g. smaller widths for tests
     and demos; the state-dict key layout depends only on the block counts, not on the widths).
 
+    A ``num_channels`` of another length (another number of levels, so another compression) gets the release's
+    per-level ``num_res_blocks`` and ``attention_levels`` repeated to its length unless those are given too.
     ``norm_float16`` is turned off on CPU, where it fails in float32.
-    """
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
+    Raises:
+        ValueError: unknown arguments, or per-level lists whose length differs from ``num_channels``.
+    """
     unknown = sorted(set(overrides) - set(MAISI_AUTOENCODER_ARGS))
     if unknown:
         raise ValueError(f"unknown MAISI autoencoder arguments {unknown}; known: {sorted(MAISI_AUTOENCODER_ARGS)}")
     args = {**MAISI_AUTOENCODER_ARGS, **overrides}
+    levels = len(args["num_channels"])
+    for key in ("num_res_blocks", "attention_levels"):
+        if len(args[key]) != levels:
+            if key in overrides:
+                raise ValueError(f"{key} {list(args[key])} has {len(args[key])} levels but num_channels "
+                                 f"{list(args['num_channels'])} has {levels}: give one entry per level")
+            args[key] = [MAISI_AUTOENCODER_ARGS[key][0]] * levels
     if args["norm_float16"] and not torch.cuda.is_available():
         args["norm_float16"] = False
     net = AutoencoderKlMaisi(**args)
     net.config = dict(overrides)  # what differs from the release: enough to rebuild it (checkpoint meta)
+    net.downsample = 2 ** (len(args["num_channels"]) - 1)  # one halving between consecutive levels
     return net
 
 
@@ -122,28 +154,32 @@ def load_maisi_autoencoder(path: str | Path, strict: bool = True, device: str | 
 
 
 class LatentCodec:
-    """Encodes (B, 1, X, Y, Z) volumes in [0, 1] to (B, C, X/4, Y/4, Z/4) latents and back, window by window.
+    """Encodes (B, 1, X, Y, Z) volumes in [0, 1] to (B, C, X/f, Y/f, Z/f) latents and back, window by window,
+    where f is the autoencoder's compression per axis (:attr:`downsample`: 4 for the released MAISI one).
 
     Both directions run MONAI's sliding-window inference with windows of ``chunk`` slices along depth (and
     ``tile`` voxels in-plane when given) overlapping by ``overlap`` and blended with Gaussian weights, so peak
-    memory is that of one window whatever the depth. Sizes are padded to multiples of 4 (replicating the
+    memory is that of one window whatever the depth. Sizes are padded to multiples of f (replicating the
     edge) and decoded volumes cropped back to the input size. As in MAISI's own inference, each window's
     group-norm statistics are its own: results approach a whole-volume pass as windows and overlap grow
     (identical when one window covers the volume).
 
     Args:
         autoencoder: a MAISI-architecture autoencoder (``encode`` -> (mu, sigma), ``decode``).
-        chunk: slices per window (multiple of 4).
+        chunk: slices per window (multiple of the compression).
         overlap: fraction of a window shared with its neighbour, in [0, 1).
-        tile: in-plane window side (multiple of 4); None: the whole slice.
+        tile: in-plane window side (multiple of the compression); None: the whole slice.
         scale_factor: latents are multiplied by it after encoding and divided before decoding (diffusion
             models want unit-variance latents; estimate it with :meth:`estimate_scale_factor`).
+        downsample: the compression per axis; None: :func:`autoencoder_downsample` of ``autoencoder``.
     """
 
     def __init__(self, autoencoder: nn.Module, chunk: int = 64, overlap: float = 0.25, tile: int | None = None,
-                 scale_factor: float = 1.0) -> None:
-        if chunk <= 0 or chunk % MAISI_DOWNSAMPLE or (tile is not None and (tile <= 0 or tile % MAISI_DOWNSAMPLE)):
-            raise ValueError(f"chunk ({chunk}) and tile ({tile}) must be positive multiples of 4")
+                 scale_factor: float = 1.0, downsample: int | None = None) -> None:
+        f = self.downsample = int(downsample or autoencoder_downsample(autoencoder))
+        if chunk <= 0 or chunk % f or (tile is not None and (tile <= 0 or tile % f)):
+            raise ValueError(f"chunk ({chunk}) and tile ({tile}) must be positive multiples of {f} (the autoencoder's "
+                             "compression per axis)")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap is a fraction in [0, 1), got {overlap}")
         self.ae, self.chunk, self.overlap, self.tile = autoencoder, int(chunk), float(overlap), tile
@@ -174,20 +210,20 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) in [0, 1] -> (B, C, ceil(X/4), ceil(Y/4), ceil(Z/4)) posterior means x scale_factor."""
+        """(B, 1, X, Y, Z) in [0, 1] -> (B, C, ceil(X/f), ceil(Y/f), ceil(Z/f)) posterior means x scale_factor."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, X, Y, Z) volume, got {tuple(volume.shape)}")
-        x = pad_to_multiple(torch.as_tensor(volume).float(), MAISI_DOWNSAMPLE)
+        x = pad_to_multiple(torch.as_tensor(volume).float(), self.downsample)
         z = self._sliding(x, self._roi(x.shape[-3:]), lambda t: self.ae.encode(t)[0])
         return z * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
-        """(B, C, x, y, z) latents -> (B, 1, 4x, 4y, 4z) volumes, cropped to ``size`` (X, Y, Z) when given."""
+        """(B, C, x, y, z) latents -> (B, 1, fx, fy, fz) volumes, cropped to ``size`` (X, Y, Z) when given."""
         if latent.ndim != 5:
             raise ValueError(f"expected (B, C, x, y, z) latents, got {tuple(latent.shape)}")
         z = torch.as_tensor(latent).float() / self.scale_factor
-        out = self._sliding(z, self._roi(z.shape[-3:], MAISI_DOWNSAMPLE), self.ae.decode)
+        out = self._sliding(z, self._roi(z.shape[-3:], self.downsample), self.ae.decode)
         if size is not None:
             sx, sy, sz = (int(s) for s in size)
             if sx > out.shape[-3] or sy > out.shape[-2] or sz > out.shape[-1]:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ctsynth.adversarial import ReconstructionIteration
-from ctsynth.maisi import build_maisi_autoencoder, load_maisi_autoencoder
+from ctsynth.engine import unwrap
+from ctsynth.maisi import autoencoder_downsample, build_maisi_autoencoder, load_maisi_autoencoder
 
 __all__ = ["kl_divergence", "trainable_autoencoder", "AutoencoderIteration"]
 
@@ -40,7 +41,8 @@ class AutoencoderIteration(ReconstructionIteration):
     MAISI-architecture autoencoder (whose forward returns reconstruction, mu, sigma).
 
     Args:
-        image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1], sizes multiples of 4.
+        image_key: batch key of the (B, 1, X, Y, Z) volumes in [0, 1], sizes multiples of the network's
+            compression per axis (:func:`ctsynth.maisi.autoencoder_downsample`).
         kl_weight: weight of the KL term (MAISI: 1e-7); ``perceptual_weight`` defaults to MAISI's 0.3.
         kwargs: see :class:`ctsynth.adversarial.ReconstructionIteration`.
     """
@@ -52,9 +54,10 @@ class AutoencoderIteration(ReconstructionIteration):
 
     def _input(self, engine: Any, batch: dict[str, Any]) -> torch.Tensor:
         x = super()._input(engine, batch)
-        if any(s % 4 for s in x.shape[-3:]):
-            raise ValueError(f"volume sizes {tuple(x.shape[-3:])} must be multiples of 4 (the autoencoder downsamples "
-                             "4x); set the crop size (patch_size) accordingly")
+        f = autoencoder_downsample(unwrap(engine.network))
+        if any(s % f for s in x.shape[-3:]):
+            raise ValueError(f"volume sizes {tuple(x.shape[-3:])} must be multiples of {f} (the autoencoder downsamples "
+                             f"{f}x); set the crop size (patch_size) accordingly")
         return x
 
     def regularisation(self, extras: tuple) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from ctsynth.diffusion import diffusion_target, predicted_original
 from ctsynth.engine import engine_amp, engine_autocast, optimisation_step, trainable_parameters, unwrap
 from ctsynth.maisi import LatentCodec
 
-from .sampling import LatentDiffusionSampler
+from .sampling import LatentDiffusionSampler, check_prediction_type
 
 __all__ = ["DiffusionIteration", "SamplingValidation"]
 
@@ -64,6 +64,7 @@ class DiffusionIteration:
         cond = torch.as_tensor(batch["cond_latent"]).to(device).float() * self.scale_factor
         if z0.shape != cond.shape:
             raise ValueError(f"thin latents {tuple(z0.shape)} and conditioning {tuple(cond.shape)} differ in shape")
+        check_prediction_type(engine.network, self.scheduler)
         multiple = getattr(unwrap(engine.network), "multiple", 1)
         if any(s % multiple for s in z0.shape[-3:]):
             raise ValueError(f"latent crops {tuple(z0.shape[-3:])} are not divisible by {multiple} (the denoiser's "

@@ -3,7 +3,8 @@ transforms that load and crop them.
 
 Geometry: the thin grid is described like :func:`ctsynth.slices.slice_positions` (spacing, slice count and
 offset of its first slice from the thick series' first slice, in mm along the slice axis). A latent voxel
-covers 4 slices, so latent voxel ``j`` of the thin grid is centred on thin slice ``4j + 1.5``.
+covers f slices (f: the autoencoder's compression per axis, ``codec.downsample``; 4 for the released MAISI one),
+so latent voxel ``j`` of the thin grid is centred on thin slice ``f j + (f - 1) / 2``.
 
 Conditioning modes (:data:`CONDITIONING_MODES`):
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ctsynth.engine import atomic_torch_save, is_rank_zero
 from ctsynth.io import load_volume
-from ctsynth.maisi import MAISI_DOWNSAMPLE, LatentCodec, ct_to_unit
+from ctsynth.maisi import LatentCodec, ct_to_unit
 from ctsynth.prepare import load_datalist, slice_spacing_mm
 from ctsynth.slices import interpolate_slices, resample_axis, thin_grid_offset_mm
 
@@ -55,25 +56,25 @@ class ThickConditioner:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {mode!r}")
         self.codec, self.mode, self.axis = codec, mode, axis
 
-    @staticmethod
-    def latent_depth(count: int) -> int:
-        """Latent depth of a thin grid of ``count`` slices (padded to a multiple of 4)."""
-        return math.ceil(int(count) / MAISI_DOWNSAMPLE)
+    def latent_depth(self, count: int) -> int:
+        """Latent depth of a thin grid of ``count`` slices (padded to a multiple of the compression)."""
+        return math.ceil(int(count) / self.codec.downsample)
 
     def __call__(self, thick_hu: MetaTensor, spacing_mm: float, count: int, offset_mm: float = 0.0) -> torch.Tensor:
-        """(1, X, Y, Z) thick volume in HU -> (1, C, X/4, Y/4, ceil(count/4)) conditioning latents."""
+        """(1, X, Y, Z) thick volume in HU -> (1, C, X/f, Y/f, ceil(count/f)) conditioning latents."""
         if thick_hu.ndim != 4 or thick_hu.shape[0] != 1:
             raise ValueError(f"expected a (1, X, Y, Z) thick volume, got {tuple(thick_hu.shape)}")
-        depth = self.latent_depth(count)
+        depth, f = self.latent_depth(count), self.codec.downsample
         if self.mode == "image":
-            up = interpolate_slices(thick_hu, spacing_mm=spacing_mm, count=depth * MAISI_DOWNSAMPLE,
+            up = interpolate_slices(thick_hu, spacing_mm=spacing_mm, count=depth * f,
                                     offset_mm=offset_mm, mode="cubic", axis=self.axis)
             return self.codec.encode(ct_to_unit(up.as_tensor())[None])
         z = self.codec.encode(ct_to_unit(torch.as_tensor(thick_hu).float())[None])  # (1, C, x, y, zt)
         step_thick = slice_spacing_mm(thick_hu) if self.axis == 2 else float(
             torch.as_tensor(thick_hu.affine, dtype=torch.float64)[:3, self.axis].norm())
-        centres_mm = offset_mm + (torch.arange(depth, dtype=torch.float64) * MAISI_DOWNSAMPLE + 1.5) * spacing_mm
-        positions = (centres_mm / step_thick - 1.5) / MAISI_DOWNSAMPLE  # in thick latent voxels
+        half = (f - 1) / 2  # a latent voxel's centre, in the voxels it covers
+        centres_mm = offset_mm + (torch.arange(depth, dtype=torch.float64) * f + half) * spacing_mm
+        positions = (centres_mm / step_thick - half) / f  # in thick latent voxels
         return resample_axis(z[0], 1 + self.axis, positions.float(), "linear")[None]
 
 

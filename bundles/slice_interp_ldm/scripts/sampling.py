@@ -1,7 +1,8 @@
 """The denoiser and DDIM sampling over whole volumes.
 
 :class:`Denoiser` is MONAI's ``DiffusionModelUNet`` for latent conditioning by concatenation (in channels =
-2 x latent channels) that records its arguments, so checkpoints can rebuild it.
+2 x latent channels) that records its arguments, so checkpoints can rebuild it; with ``residual`` its output
+is added to the conditioning latents (clean-latent prediction as a change to the conditioning).
 :class:`LatentDiffusionSampler` runs DDIM from noise to latents of any depth: at every step the denoiser is
 applied in overlapping windows along depth (MONAI sliding-window inference, Gaussian blending), so memory is
 that of one window whatever the volume's length.
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ctsynth.engine import unwrap
 from ctsynth.transforms import pad_to_multiple
 
-__all__ = ["Denoiser", "LatentDiffusionSampler"]
+__all__ = ["Denoiser", "LatentDiffusionSampler", "check_prediction_type"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Denoiser(DiffusionModelUNet):
         latent_channels: channels of the autoencoder's latents.
         use_flash_attention: attention through ``torch.nn.functional.scaled_dot_product_attention``, whose memory
             grows with the number of tokens rather than with its square (the same weights either way).
+        residual: return the UNet's output plus the conditioning latents (the second half of the input
+            channels). For clean-latent prediction (``prediction_type="sample"``) with conditioning on the thin
+            latent grid: MONAI's UNet zero-initialises its output layer, so an untrained residual denoiser
+            predicts the conditioning itself and training learns only what the thick series lacks.
         unet_args: ``DiffusionModelUNet`` arguments (``channels``, ``attention_levels``, ``num_res_blocks``,
             ``num_head_channels``, ``norm_num_groups``, ...).
 
@@ -42,14 +47,32 @@ class Denoiser(DiffusionModelUNet):
         forward(x (B, 2C, x, y, z), timesteps (B,)) -> (B, C, x, y, z).
     """
 
-    def __init__(self, latent_channels: int = 4, use_flash_attention: bool = True, **unet_args: Any) -> None:
+    def __init__(self, latent_channels: int = 4, use_flash_attention: bool = True, residual: bool = False,
+                 **unet_args: Any) -> None:
         for k in ("spatial_dims", "in_channels", "out_channels"):
             if k in unet_args:
                 raise ValueError(f"{k} is fixed by latent_channels ({latent_channels}); do not set it")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be true or false, got {residual!r}")
         super().__init__(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
                          use_flash_attention=use_flash_attention, **unet_args)
-        self.config = {"latent_channels": latent_channels, "use_flash_attention": use_flash_attention, **unet_args}
+        self.latent_channels, self.residual = int(latent_channels), residual
+        self.config = {"latent_channels": latent_channels, "use_flash_attention": use_flash_attention,
+                       "residual": residual, **unet_args}
         self.multiple = 2 ** (len(unet_args.get("channels", (32, 64, 64, 64))) - 1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = super().forward(x, timesteps, *args, **kwargs)
+        return out + x[:, self.latent_channels:] if self.residual else out
+
+
+def check_prediction_type(network: nn.Module, scheduler: Any) -> None:
+    """Raises ValueError when a residual :class:`Denoiser` is paired with a scheduler that does not predict clean
+    latents (a change to the conditioning is meaningless as noise or velocity)."""
+    prediction = getattr(scheduler, "prediction_type", None)
+    if getattr(unwrap(network), "residual", False) and prediction != "sample":
+        raise ValueError(f"a residual denoiser predicts clean latents as a change to the conditioning: use "
+                         f"prediction_type 'sample' (the scheduler's is '{prediction}') or residual false")
 
 
 class LatentDiffusionSampler:
@@ -78,6 +101,7 @@ class LatentDiffusionSampler:
         if window is not None and (window < 1 or window % self.multiple):
             raise ValueError(f"window ({window}) must be a positive multiple of {self.multiple} (the denoiser's "
                              "downsampling)")
+        check_prediction_type(network, scheduler)
         self.progress = progress
 
     def _denoise(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
