@@ -2,6 +2,7 @@
 stages, resume, multi-process DDP on CPU), UNet and adversarial options, evaluation, inference and the CLI."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,20 @@ def test_cascade_trains_all_stages_resumes_evaluates_and_reconstructs(dataset, t
     hist3 = json.loads((dataset / "eval_models" / "stage3" / "history.json").read_text())["epochs"]
     assert {"loss_vgg", "loss_grad", "loss_drr"} <= set(hist3[0])
 
-    # evaluation: every stage next to both baselines, on both windows
+    # evaluation: every stage next to the baselines (from stage 2 on also the previous stage upsampled), on both
+    # windows, each with its re-projection onto the input radiographs and standard deviations over the cases
     report = run_bundle("cascade_xray2ct", ["train.json", "evaluate.json"], "evaluate", {**TINY, **d})[0]
     rows = report["summary"]
-    assert {(r["stage"], r["method"]) for r in rows} == {(k, m) for k in (1, 2, 3)
-                                                         for m in ("cascade", "mean_volume", "backprojection")}
+    assert {(r["stage"], r["method"]) for r in rows} == {(k, m) for k in (1, 2, 3) for m in (
+        "cascade", "mean_volume", "backprojection")} | {(k, "previous_stage") for k in (2, 3)}
     assert {tuple(r["window"]) for r in rows} == {(-1024.0, 3071.0), (-1000.0, 1000.0)}
+    for r in rows:
+        assert math.isfinite(r["reprojection_psnr"]) and r["reprojection_psnr_std"] >= 0 and r["n"] == report["cases"]
+    per_case = {(r["case"], r["stage"], r["method"], tuple(r["window"])): r for r in report["per_case"]}
+    for (case_id, stage, method, window), r in per_case.items():
+        if method == "previous_stage":  # the previous stage's prediction, upsampled onto this stage's grid
+            before = per_case[(case_id, stage - 1, "cascade", window)]
+            assert r["size"] > before["size"] and abs(r["psnr"] - before["psnr"]) < 3.0
     for f in ("metrics.json", "metrics.md", "metrics.png", "preview.png"):
         assert (dataset / "eval_models" / f).stat().st_size > 100
 

@@ -215,3 +215,51 @@ def test_seam_ratio_rejects_borders_outside_the_volume():
         seam_ratio(torch.rand(4, 4, 4), [[], [], [4]])
     with pytest.raises(ValueError, match="3 axes"):
         seam_ratio(torch.rand(4, 4, 4), [[2]])
+
+
+def _cube_acquisition():
+    from ctsynth.drr import DRRProjector
+    from ctsynth.geometry import ProjectionGeometry
+    from ctsynth.phantoms import grid_affine
+
+    aff = grid_affine((16, 16, 16), (4.0, 4.0, 4.0))
+    cube = torch.zeros(1, 16, 16, 16)
+    cube[:, 4:12, 5:11, 3:13] = 1.0
+    geom = ProjectionGeometry.for_volume(aff, (16, 16, 16), views="ap,lateral", detector_shape=(24, 24),
+                                         pixel_spacing_mm=4.0)
+    chord = DRRProjector(geom, input_kind="mu")(cube[None], aff)[0]  # mm of cube along each ray
+    return aff, cube, geom, chord
+
+
+@pytest.mark.parametrize("inside_hu,window,seen_hu", [
+    (-400.0, None, -400.0),            # the volume as it is
+    (-400.0, (-1000.0, -450.0), -450.0),  # clipped to the window before projecting
+    (-500.0, None, -500.0),            # the truth itself: identical DRRs, PSNR at its cap
+])
+def test_reprojection_psnr_follows_the_attenuation_along_each_ray(inside_hu, window, seen_hu):
+    from ctsynth.drr import DRRProjector, hu_to_mu
+    from ctsynth.metrics import reprojection_psnr
+
+    aff, cube, geom, chord = _cube_acquisition()
+    truth = -1000.0 + 500.0 * cube  # a -500 HU cube in air
+    li = DRRProjector(geom)(truth[None], aff)[0]
+    pred = -1000.0 + (inside_hu + 1000.0) * cube
+    # the DRRs differ by the cube's chord times its change in attenuation (air projects to zero either way)
+    d_mu = float(hu_to_mu(torch.tensor(seen_hu)) - hu_to_mu(torch.tensor(-500.0)))
+    mse = float((d_mu * chord).pow(2).mean())
+    expected = 100.0 if mse == 0 else 10 * math.log10(float(li.max()) ** 2 / mse)
+    assert reprojection_psnr(pred, aff, geom, li, window) == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_reprojection_psnr_rejects_mismatched_inputs():
+    from ctsynth.metrics import reprojection_psnr
+
+    aff, cube, geom, _ = _cube_acquisition()
+    with pytest.raises(ValueError, match="\\(2, rows, cols\\) line integrals"):
+        reprojection_psnr(cube, aff, geom, torch.ones(3, 24, 24))
+    with pytest.raises(ValueError, match="must be the acquisition's"):
+        reprojection_psnr(cube, aff, geom, torch.ones(2, 20, 24))
+    with pytest.raises(ValueError, match="all zero"):
+        reprojection_psnr(cube, aff, geom, torch.zeros(2, 24, 24))
+    with pytest.raises(ValueError, match="\\(1, S0, S1, S2\\)"):
+        reprojection_psnr(torch.zeros(2, 2, 4, 4, 4), aff, geom, torch.ones(2, 24, 24))

@@ -5,6 +5,9 @@ PSNR depends on its data range and on 3D vs slice-averaged computation (several 
 ``data_range`` (``window[1] - window[0]`` HU), the ``mode`` (``"3d"`` or ``"per-slice"``) and whether a
 body ``mask`` restricted it.
 
+Consistency with the acquisition: :func:`reprojection_psnr`, how well a volume's DRRs match the radiographs it
+was reconstructed from.
+
 Detection: :func:`roc_auc_ci`, the area under the ROC curve with a confidence interval (DeLong, or a stratified
 bootstrap).
 """
@@ -22,9 +25,11 @@ from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 from scipy.stats import rankdata
 
 from ctsynth.atomic import atomic_write_json, atomic_write_text
+from ctsynth.drr import DRRProjector
+from ctsynth.geometry import ProjectionGeometry
 
 __all__ = ["METRIC_MODES", "HU_REGIONS", "hu_fidelity", "summarise_hu_fidelity", "same_grid", "ssim_window", "ms_ssim_weights", "ssim", "ms_ssim", "psnr", "compute_image_metrics",
-           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci", "window_borders", "seam_ratio"]
+           "write_metrics_report", "AUC_CI_METHODS", "roc_auc_ci", "window_borders", "seam_ratio", "reprojection_psnr"]
 
 METRIC_MODES = ("3d", "per-slice")
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -413,3 +418,46 @@ def seam_ratio(volume: torch.Tensor, borders: Sequence[Sequence[int]]) -> float:
     if border_n == 0:
         return 1.0
     return (border_sum / border_n) / max(other_sum / max(other_n, 1), 1e-12)
+
+
+def reprojection_psnr(volume_hu: torch.Tensor, affine: torch.Tensor, geometry: ProjectionGeometry,
+                      line_integrals: torch.Tensor, window: Sequence[float] | None = None,
+                      projector: DRRProjector | None = None) -> float:
+    """PSNR (dB) of a volume's DRRs against the line integrals it should reproduce (the radiographs it was
+    reconstructed from): the consistency of a reconstruction with its own acquisition.
+
+    The volume, clipped to ``window`` (HU) when given, is projected with ``geometry``; the PSNR is taken over
+    every view and pixel at once, with data range = the largest input line integral:
+    ``10 log10(max(L)^2 / mean((DRR - L)^2))``.
+
+    Args:
+        volume_hu: (1, S0, S1, S2) or (S0, S1, S2) HU.
+        affine: (4, 4) voxel -> RAS mm of the volume.
+        geometry: the acquisition (V views).
+        line_integrals: (V, rows, cols) of the acquisition.
+        window: HU window applied before projecting; None: the volume as it is.
+        projector: a :class:`ctsynth.drr.DRRProjector` with HU input (default: the standard one).
+
+    Example::
+
+        reprojection_psnr(prediction_hu, affine, geometry, line_integrals, window=(-1000, 1000))
+    """
+    vol = torch.as_tensor(volume_hu).float()
+    vol = vol[None] if vol.ndim == 3 else vol
+    if vol.ndim != 4 or vol.shape[0] != 1:
+        raise ValueError(f"expected a (1, S0, S1, S2) volume, got {tuple(torch.as_tensor(volume_hu).shape)}")
+    li = torch.as_tensor(line_integrals).float()
+    if li.ndim != 3 or li.shape[0] != geometry.num_views:
+        raise ValueError(f"expected ({geometry.num_views}, rows, cols) line integrals, got {tuple(li.shape)}")
+    if window is not None:
+        vol = vol.clamp(float(window[0]), float(window[1]))
+    projector = projector or DRRProjector(input_kind="hu")
+    with torch.no_grad():
+        drr = projector(vol[None], torch.as_tensor(affine), geometry)[0].float()
+    if drr.shape != li.shape:
+        raise ValueError(f"DRRs {tuple(drr.shape)} do not match the line integrals {tuple(li.shape)}: the geometry's "
+                         "detector must be the acquisition's")
+    peak = float(li.max())
+    if peak <= 0:
+        raise ValueError("the line integrals are all zero: nothing to compare the re-projection with")
+    return float(psnr(drr.flatten()[None], li.flatten()[None], data_range=peak)[0])
