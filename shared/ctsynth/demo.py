@@ -93,7 +93,8 @@ CASCADE_DEMO_STAGES = (  # (epochs, iterations per epoch (0: whole training set)
     (36, 0, 2, 1e-3), (8, 16, 2, 3e-4), (1, 4, 2, 1e-4),
 )
 #: loss terms of the demo's refining stages: the stage presets without their VGG term, which the demo could only
-#: initialise at random (no weights are downloaded) and which makes a 48^3 step 2.8x slower
+#: initialise at random (no weights are downloaded) and which costs more per step than the rest of the loss
+#: (measured in the bundle docs)
 CASCADE_DEMO_LOSSES = {2: {"l1": 1.0, "ssim": 0.5}, 3: {"l1": 1.0, "ssim": 0.5, "grad": 0.2, "drr": 0.3}}
 #: training / validation / test fractions of the demo's phantoms (48: 32 / 4 / 12)
 CASCADE_DEMO_SPLIT = (2 / 3, 1 / 12, 1 / 4)
