@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.bundle import ConfigParser
 from tqdm.auto import tqdm
 
 from ctsynth.atomic import atomic_write_json
@@ -92,10 +93,6 @@ CASCADE_DEMO_NETWORK = {
 CASCADE_DEMO_STAGES = (  # (epochs, iterations per epoch (0: whole training set), batch size, learning rate)
     (36, 0, 2, 1e-3), (8, 16, 2, 3e-4), (1, 4, 2, 1e-4),
 )
-#: loss terms of the demo's refining stages: the stage presets without their VGG term, which the demo could only
-#: initialise at random (no weights are downloaded) and which costs more per step than the rest of the loss
-#: (measured in the bundle docs)
-CASCADE_DEMO_LOSSES = {2: {"l1": 1.0, "ssim": 0.5}, 3: {"l1": 1.0, "ssim": 0.5, "grad": 0.2, "drr": 0.3}}
 #: training / validation / test fractions of the demo's phantoms (48: 32 / 4 / 12)
 CASCADE_DEMO_SPLIT = (2 / 3, 1 / 12, 1 / 4)
 
@@ -105,12 +102,14 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 48, sizes: Sequence[
     """The cascade_xray2ct bundle end to end on phantoms: prepare, train stages 1-3, evaluate, reconstruct.
 
     Stage 1 trains on the whole training set; stage 2 refines it for 128 steps, stage 3 runs a few steps to
-    exercise the whole cascade (with its gradient and DRR terms; :data:`CASCADE_DEMO_LOSSES`). The test split
+    exercise the whole cascade (with its gradient and DRR terms). The refining stages train with their
+    bundle presets' loss terms (``stage2.json``, ``stage3.json``) less the VGG term, which the demo could only
+    initialise at random (no weights are downloaded) and which costs more per step than the rest. The test split
     holds 12 phantoms. Writes ``OUT/cascade_xray2ct/metrics.json`` with the evaluation summary and the checks
     (stage 1 vs the mean volume and back-projection baselines, each stage vs the one before, the final stage
     vs the mean volume, re-projection PSNR per stage).
     """
-    from ctsynth.bundles import checkpoint_settings, run_bundle
+    from ctsynth.bundles import bundle_root, checkpoint_settings, run_bundle
     from ctsynth.prepare import prepare_xray2ct
 
     root = Path(out) / "cascade_xray2ct"
@@ -134,7 +133,9 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 48, sizes: Sequence[
         if iterations:
             extra["train#trainer#epoch_length"] = int(iterations)
         if k > 1:
-            extra.update(vgg_weights=None, vgg_random_init=True, loss_weights=CASCADE_DEMO_LOSSES[k])
+            preset = ConfigParser.load_config_file(Path(bundle_root("cascade_xray2ct")) / "configs" / f"stage{k}.json")
+            extra.update(vgg_weights=None, vgg_random_init=True,
+                         loss_weights={t: w for t, w in preset["loss_weights"].items() if t != "vgg"})
         run_bundle("cascade_xray2ct", cfg, "training", {**common, **extra})
         timings[f"train_stage{k}_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -100,7 +100,7 @@ def build_maisi_autoencoder(**overrides: Any) -> nn.Module:
         args["norm_float16"] = False
     net = AutoencoderKlMaisi(**args)
     net.config = dict(overrides)  # what differs from the release: enough to rebuild it (checkpoint meta)
-    net.downsample = 2 ** (len(args["num_channels"]) - 1)  # one halving between consecutive levels
+    net.downsample = 2 ** (levels - 1)  # one halving between consecutive levels
     return net
 
 
