@@ -143,6 +143,30 @@ def test_unet_baseline_and_adversarial_options_train(dataset):
     assert meta["network_target"].endswith("BackprojectionUNet")
     assert checkpoint_settings("cascade_xray2ct", dataset / "unet" / "model.pt")["sizes"] == [16]
 
+    # a baseline checkpoint enters the evaluation as a method of its name, rebuilt from its own network record:
+    # the U-Net evaluated next to itself gives the same figures row for row (through the documented command line)
+    ckpt = str(dataset / "unet" / "model.pt")
+    monai_bundle_run("cascade_xray2ct", "evaluate", ["train.json", "unet_baseline.json", "evaluate.json"],
+                     {**unet, "baselines": {"unet_again": ckpt}})
+    report = json.loads((dataset / "eval_unet" / "metrics.json").read_text())
+    assert report["baselines"] == {"unet_again": ckpt}
+    rows = {(r["case"], r["method"], tuple(r["window"])): r for r in report["per_case"]}
+    again = [r for key, r in rows.items() if key[1] == "unet_again"]
+    assert len(again) == 2 * report["cases"]
+    for r in again:
+        own = rows[(r["case"], "cascade", tuple(r["window"]))]
+        assert r["psnr"] == pytest.approx(own["psnr"], abs=1e-6) and r["ssim"] == pytest.approx(own["ssim"], abs=1e-6)
+    assert "| unet_again |" in (dataset / "eval_unet" / "metrics.md").read_text()
+
+    # names that are not words or shadow a built-in method, and a bare state dict, are refused with the fix
+    torch.save(torch.load(ckpt)["network"], dataset / "unet" / "bare.pt")
+    for baselines, match in (({"cascade": ckpt}, "must be a word.*other than cascade"),
+                             ({"two words": ckpt}, "must be a word"),
+                             ({"bare": str(dataset / "unet" / "bare.pt")}, "bare.pt.*bare state dict.*model.pt")):
+        with pytest.raises(ValueError, match=match):
+            run_bundle("cascade_xray2ct", ["train.json", "unet_baseline.json", "evaluate.json"], "evaluate",
+                       {**unet, "baselines": baselines})
+
     adv = {**TINY, **_dirs(dataset, "adv"), "discriminator#channels": 4, "discriminator#num_layers_d": 2}
     run_bundle("cascade_xray2ct", ["train.json", "adversarial.json"], "training", adv)
     last = torch.load(dataset / "adv" / "stage1" / "checkpoint_last.pt")
@@ -158,3 +182,14 @@ def test_multi_gpu_config_runs_two_cpu_processes(dataset):
     last = torch.load(dataset / "ddp" / "stage1" / "checkpoint_last.pt")
     # 4 training cases, 2 ranks, batch 2: one step per rank per epoch (DistributedSampler splits the data)
     assert last["trainer"] == {"epoch": 1, "iteration": 1}, res.stdout[-2000:]
+
+
+def test_demo_refuses_a_folder_prepared_with_other_views(tmp_path):
+    from ctsynth.demo import cascade_xray2ct_demo
+
+    data = tmp_path / "cascade_xray2ct" / "data"
+    data.mkdir(parents=True)
+    (data / "datalist.json").write_text(json.dumps({"training": [{"xrays": ["a.nii.gz", "b.nii.gz"]}]}))
+    with pytest.raises(ValueError, match="holds a demo with 2 views; run the 4-view demo with another --out"):
+        cascade_xray2ct_demo(tmp_path, views=4)
+    assert sorted(p.name for p in (tmp_path / "cascade_xray2ct").iterdir()) == ["data"]  # nothing written

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import refused
 
@@ -69,6 +70,11 @@ def test_foundation_demo(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     refused(capsys, ["phantom", str(tmp_path), "--format", "mhd"], "--format")
     refused(capsys, ["demo", "--out", str(tmp_path), "--bundle", "nope"], "unknown demo")
+    refused(capsys, ["demo", "--out", str(tmp_path), "--bundle", "cascade_xray2ct", "--views", "0"],
+            "--views must be between 1 and 64", status=2)
+    refused(capsys, ["demo", "--out", str(tmp_path), "--bundle", "cascade_xray2ct", "--baseline", "maybe"], "baseline",
+            status=2)
+    assert not (tmp_path / "cascade_xray2ct").exists()  # refused before anything is written
 
 
 def test_tune_cpu_allocator_respects_opt_out(monkeypatch):
@@ -112,7 +118,36 @@ def test_cli_bench_cascade_small(tmp_path, capsys):
     assert [s["stage"] for s in res["stages"]] == [1, 3] and res["stages"][1]["size"] == 32
     assert res["stages"][1]["losses"] == ["drr", "grad", "l1", "ssim", "vgg"]
     assert res["stages"][0]["step_s"]["median_s"] > 0 and res["stages"][0]["peak_memory_mb"] > 0
+    for st in res["stages"]:  # what the step keeps for backward, by tensor, and the parameter-side memory
+        saved = st["saved_for_backward"]
+        assert saved["total_mb"] >= sum(r["mb"] for r in saved["largest"]) > 0 and saved["tensors"] > 0
+        assert any(r["shape"][-3:] == [st["size"]] * 3 for r in saved["largest"])
+        assert st["adamw_state_mb"] == pytest.approx(2 * st["gradients_mb"]) and st["parameters_mb"] > st["gradients_mb"]
     assert json.loads((tmp_path / "b.json").read_text())["benchmark"] == "cascade"
+
+
+@pytest.mark.parametrize("case, tensors, nbytes", [
+    ("product", 1, 8 * 4 * 4),  # mul keeps its input (the parameter is left out)
+    ("exp_of_product", 2, 2 * 8 * 4 * 4),  # and exp keeps its result
+    ("checkpointed", 1, 8 * 4 * 4),  # a checkpointed region keeps its input only: the rest is recomputed
+    ("no_grad", 0, 0),
+])
+def test_saved_tensor_tally_counts_what_backward_keeps(case, tensors, nbytes):
+    from torch.utils.checkpoint import checkpoint
+
+    from ctsynth.bench import SavedTensorTally
+
+    w = torch.nn.Parameter(torch.ones(4))
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
+    fns = {"product": lambda: (x * w).sum(), "exp_of_product": lambda: torch.exp(x * w).sum(),
+           "checkpointed": lambda: checkpoint(lambda a: torch.exp(a * w), x, use_reentrant=False).sum(),
+           "no_grad": lambda: torch.no_grad()(lambda: (x * w).sum())()}
+    with SavedTensorTally([w]) as tally:
+        fns[case]()
+    summary = tally.summary()
+    assert summary["tensors"] == tensors and summary["total_mb"] * 2**20 == nbytes
+    if tensors:
+        assert summary["largest"][0] == {"shape": [8, 4], "dtype": "float32", "count": tensors, "mb": nbytes / 2**20}
 
 
 def test_cli_bench_vqgan_small_with_plot(tmp_path, capsys):

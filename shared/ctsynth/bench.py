@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ctsynth.drr import DRRProjector
 from ctsynth.geometry import ProjectionGeometry
 from ctsynth.runtime import peak_rss_mb
 
-__all__ = ["machine_info", "time_call", "plain_network_args", "reset_peak_memory", "peak_memory_mb", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
+__all__ = ["machine_info", "time_call", "SavedTensorTally", "plain_network_args", "reset_peak_memory", "peak_memory_mb", "bench_drr", "bench_cascade", "bench_maisi", "bench_vqgan", "bench_diffusion",
            "bench_autoencoder", "bench_classifier", "bench_interpolate", "write_json", "plot_benchmark"]
 
 
@@ -153,6 +153,55 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class SavedTensorTally:
+    """While active, records every tensor autograd keeps for the backward pass (each storage once, the
+    ``exclude`` tensors, e.g. the parameters, left out): the activation memory a training step holds between its
+    forward and backward passes, by shape and dtype, on any device.
+
+    Of a region that gradient checkpointing recomputes only the inputs are kept, so only they are counted (the
+    region's intermediate tensors exist one region at a time during the backward pass).
+
+    Args:
+        exclude: tensors not to count (their storages), typically ``model.parameters()``.
+
+    Example::
+
+        with SavedTensorTally(model.parameters()) as tally:
+            loss = model(x).sum()
+        tally.summary()["total_mb"]
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: dict[tuple[int, str], tuple[tuple[int, ...], str, int]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), str(tensor.device))
+        if key[0] not in self._exclude and key not in self._seen:
+            self._seen[key] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), storage.nbytes())
+        return tensor
+
+    def __enter__(self) -> SavedTensorTally:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+    def summary(self, largest: int = 8) -> dict[str, Any]:
+        """``total_mb`` (MiB), ``tensors`` (count) and the ``largest`` groups of the same shape and dtype, biggest
+        first: ``{"shape", "dtype", "count", "mb"}``."""
+        groups: dict[tuple[tuple[int, ...], str], list[int]] = {}
+        for shape, dtype, nbytes in self._seen.values():
+            groups.setdefault((shape, dtype), []).append(nbytes)
+        rows = sorted(({"shape": list(shape), "dtype": dtype, "count": len(sizes), "mb": sum(sizes) / 2**20}
+                       for (shape, dtype), sizes in groups.items()), key=lambda r: -r["mb"])
+        return {"total_mb": sum(n for *_, n in self._seen.values()) / 2**20, "tensors": len(self._seen),
+                "largest": rows[:largest]}
+
+
 def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:
     """Backward and step, through the gradient scaler when float16 autocast uses one."""
     (scaler.scale(loss) if scaler else loss).backward()
@@ -177,7 +226,10 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
 
     Uses the bundle's network (default widths of its train.json unless ``network`` overrides them), random
     radiographs, a phantom-sized field of view and the stage's loss (VGG randomly initialised).
-    On GPU the peak is ``torch.cuda.max_memory_allocated``; on CPU the process peak RSS (an upper bound).
+    On GPU the peak is ``torch.cuda.max_memory_allocated``; on CPU the process peak RSS (an upper bound). Each
+    stage also reports what its step keeps for the backward pass (:class:`SavedTensorTally`, from the warm-up
+    step) and the parameter, gradient and AdamW-state memory, the parts a memory estimate for another device or
+    batch size is made of.
     """
     import contextlib
 
@@ -226,10 +278,16 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
             _optimiser_step(loss, opt, scaler)
 
         reset_peak_memory(device)
-        timing = time_call(step, repeats=repeats, warmup=1, device=device)
+        with SavedTensorTally([*net.parameters(), *loss_fn.parameters()]) as tally:
+            step()  # the warm-up step, tallied
+        timing = time_call(step, repeats=repeats, warmup=0, device=device)
+        trainable = sum(p.numel() * p.element_size() for p in trainable_parameters(net))
         result["stages"].append({"stage": stage, "size": s, "batch": b, "losses": sorted(CASCADE_STAGE_LOSSES[stage - 1]),
                                  "step_s": timing, "peak_memory_mb": peak_memory_mb(device),
-                                 "trainable_parameters": sum(p.numel() for p in trainable_parameters(net))})
+                                 "trainable_parameters": sum(p.numel() for p in trainable_parameters(net)),
+                                 "saved_for_backward": tally.summary(),
+                                 "parameters_mb": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20,
+                                 "gradients_mb": trainable / 2**20, "adamw_state_mb": 2 * trainable / 2**20})
     return result
 
 

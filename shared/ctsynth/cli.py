@@ -30,7 +30,7 @@ OPTION_LIMITS: dict[str, tuple[float, float]] = {
     "noise": (0, 1000), "realism": (0, 10), "batch": (1, 1024), "latent_shape": (1, 1024), "train_shape": (4, 2048),
     "volume": (4, 4096), "roi": (4, 2048), "patch": (4, 2048), "depths": (1, 4096), "window": (-10000, 100000),
     "plane_chunk": (1, 8192), "in_plane": (8, 2048), "chunk": (1, 4096), "overlap": (0, 0.95), "latent_window": (1, 1024),
-    "num_splits": (1, 64), "latent_channels": (1, 1024), "stages": (1, 8), "seed": (0, 2**63 - 1),
+    "num_splits": (1, 64), "latent_channels": (1, 1024), "stages": (1, 8), "seed": (0, 2**63 - 1), "views": (1, 64),
 }
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?([eE]-?\d+)?$")
 
@@ -342,13 +342,16 @@ class CLI:
         self.bundle = BundleCommands()
 
     def demo(self, out: str = "demo_out", bundle: str = "all", n: int = 3, seed: int = 0, realism: float = 0.0,
-             conditioning: str | None = None) -> None:
+             conditioning: str | None = None, views: int = 2, baseline: bool = True) -> None:
         """Runs the built-in demos on generated phantoms; writes OUT/<demo>/metrics.json. ``--realism 1``: the slice
         interpolation demo's phantoms carry a routine chest CT's partial volume, texture and noise;
-        ``--conditioning aligned|tokens|aligned+tokens``: how the xray2ctpa demo's denoiser sees the X-ray."""
+        ``--conditioning aligned|tokens|aligned+tokens``: how the xray2ctpa demo's denoiser sees the X-ray;
+        ``--views 4``: the cascade demo's radiographs per case (use another --out than a 2-view run's);
+        ``--nobaseline``: the cascade demo skips training its U-Net baseline."""
         from ctsynth.demo import run_demo
 
-        res = run_demo(out, bundle, n=n, seed=seed, realism=realism, conditioning=conditioning)
+        res = run_demo(out, bundle, n=n, seed=seed, realism=realism, conditioning=conditioning, views=views,
+                       baseline=baseline)
         _emit({name: str(Path(out) / name / "metrics.json") for name in res})
 
     def reconstruct(self, *xrays: str, geometry: str, out: str, checkpoint: str | None = None,
