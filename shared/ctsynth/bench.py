@@ -281,13 +281,14 @@ def bench_cascade(sizes: Sequence[int] = (64, 128, 256), stages: Sequence[int] |
         with SavedTensorTally([*net.parameters(), *loss_fn.parameters()]) as tally:
             step()  # the warm-up step, tallied
         timing = time_call(step, repeats=repeats, warmup=0, device=device)
-        trainable = sum(p.numel() * p.element_size() for p in trainable_parameters(net))
+        trainable = trainable_parameters(net)
+        trainable_mb = sum(p.numel() * p.element_size() for p in trainable) / 2**20
         result["stages"].append({"stage": stage, "size": s, "batch": b, "losses": sorted(CASCADE_STAGE_LOSSES[stage - 1]),
                                  "step_s": timing, "peak_memory_mb": peak_memory_mb(device),
-                                 "trainable_parameters": sum(p.numel() for p in trainable_parameters(net)),
+                                 "trainable_parameters": sum(p.numel() for p in trainable),
                                  "saved_for_backward": tally.summary(),
                                  "parameters_mb": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20,
-                                 "gradients_mb": trainable / 2**20, "adamw_state_mb": 2 * trainable / 2**20})
+                                 "gradients_mb": trainable_mb, "adamw_state_mb": 2 * trainable_mb})
     return result
 
 

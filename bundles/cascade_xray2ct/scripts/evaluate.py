@@ -4,8 +4,8 @@ For every test case and every trained stage: the stage's prediction, the mean tr
 back-projection of the views and, from stage 2 on, the previous stage's prediction upsampled (trilinear) to
 this stage's grid (what the stage must refine) and each separately trained baseline network (e.g. the U-Net
 of ``unet_baseline.json``: its prediction resampled trilinear to every stage's grid), each compared with the
-ground-truth cube of that stage's size by 3D PSNR, SSIM and MAE (HU) on each HU window, and re-projected onto its input radiographs
-(:func:`ctsynth.metrics.reprojection_psnr`, the volume clipped to the window). Writes ``metrics.json`` (per
+ground-truth cube of that stage's size by 3D PSNR, SSIM and MAE (HU) on each HU window, and re-projected onto
+its input radiographs (:func:`ctsynth.metrics.reprojection_psnr`, the volume clipped to the window). Writes ``metrics.json`` (per
 case and mean +- std), ``metrics.md`` (a table), ``metrics.png`` (PSNR per stage and method) and a tri-planar
 preview of the first case.
 """
