@@ -140,14 +140,13 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 48, sizes: Sequence[
     prep = prepare_xray2ct(str(root / "phantoms" / "*.nii.gz"), root / "data", views=int(views), sizes=sizes,
                            xray_size=xray_size, seed=seed, fractions=CASCADE_DEMO_SPLIT)
     timings["prepare_s"] = time.perf_counter() - t0
-    common = {"dataset_dir": str(root / "data"), "models_dir": str(root / "models"), "output_dir": str(root / "eval"),
-              "sizes": list(sizes), "num_workers": 0, "seed": seed, **CASCADE_DEMO_NETWORK}
+    data = {"dataset_dir": str(root / "data"), "num_workers": 0, "seed": seed}
+    common = {**data, "models_dir": str(root / "models"), "output_dir": str(root / "eval"), "sizes": list(sizes),
+              **CASCADE_DEMO_NETWORK}
     for k, (epochs, iterations, batch, lr) in enumerate(stages, start=1):
         t = time.perf_counter()
         cfg = ["train.json"] + ([f"stage{k}.json"] if k > 1 else [])
-        extra = {"epochs": int(epochs), "batch_size": int(batch), "learning_rate": float(lr)}
-        if iterations:
-            extra["train#trainer#epoch_length"] = int(iterations)
+        extra = _schedule_overrides(epochs, iterations, batch, lr)
         if k > 1:
             preset = ConfigParser.load_config_file(Path(bundle_root("cascade_xray2ct")) / "configs" / f"stage{k}.json")
             extra.update(vgg_weights=None, vgg_random_init=True,
@@ -157,13 +156,11 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 48, sizes: Sequence[
     baselines = {}
     if baseline:  # the U-Net, with stage 1's size and schedule
         t = time.perf_counter()
-        epochs, iterations, batch, lr = stages[0]
         unet_dir = root / "models" / "unet_baseline"
         run_bundle("cascade_xray2ct", ["train.json", "unet_baseline.json"], "training", {
-            "dataset_dir": str(root / "data"), "models_dir": str(unet_dir), "output_dir": str(root / "eval_unet_baseline"),
-            "sizes": [int(sizes[0])], "num_workers": 0, "seed": seed, **CASCADE_DEMO_BASELINE, "epochs": int(epochs),
-            "batch_size": int(batch), "learning_rate": float(lr), "loss_weights": dict(CASCADE_DEMO_BASELINE_LOSSES),
-            **({"train#trainer#epoch_length": int(iterations)} if iterations else {})})
+            **data, "models_dir": str(unet_dir), "output_dir": str(root / "eval_unet_baseline"),
+            "sizes": [int(sizes[0])], **CASCADE_DEMO_BASELINE, **_schedule_overrides(*stages[0]),
+            "loss_weights": dict(CASCADE_DEMO_BASELINE_LOSSES)})
         baselines["unet_baseline"] = str(unet_dir / "model.pt")
         timings["train_unet_baseline_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -213,6 +210,14 @@ def cascade_xray2ct_demo(out: str | Path, n_phantoms: int = 48, sizes: Sequence[
                 "([-1000, 1000] HU, 3D) in %.0f s", s1["cascade"]["psnr"], s1["mean_volume"]["psnr"],
                 s1["backprojection"]["psnr"], timings["total_s"])
     return summary
+
+
+def _schedule_overrides(epochs: float, iterations: float, batch: float, lr: float) -> dict[str, Any]:
+    """A demo stage's (epochs, iterations per epoch (0: whole training set), batch size, learning rate) as overrides."""
+    extra = {"epochs": int(epochs), "batch_size": int(batch), "learning_rate": float(lr)}
+    if iterations:
+        extra["train#trainer#epoch_length"] = int(iterations)
+    return extra
 
 
 def _check_demo_views(data_dir: Path, views: int) -> None:
